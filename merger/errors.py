@@ -1,0 +1,22 @@
+"""User-facing errors. The CLI prints any MergerError as one line (no traceback) and exits 1."""
+from __future__ import annotations
+
+
+class MergerError(Exception):
+    """Base of every error caused by user input; the message says what to do next."""
+
+
+class RecipeError(MergerError):
+    """The recipe file is unreadable or invalid; the message carries the YAML path."""
+
+
+class CheckpointError(MergerError):
+    """An input checkpoint is missing, corrupt, or inconsistent with the others."""
+
+
+class PluginError(MergerError):
+    """A plugin failed to load, registered a duplicate name, or misbehaved at run time."""
+
+
+class OutputError(MergerError):
+    """The output location cannot be written (exists without --force, not writable...)."""

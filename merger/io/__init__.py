@@ -1,0 +1,1 @@
+"""Checkpoint input/output: lazy sharded safetensors reading, streaming sharded writing, configs."""

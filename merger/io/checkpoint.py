@@ -1,0 +1,162 @@
+"""Lazy reader for a Hugging Face-format folder: config.json + model.safetensors or a sharded index.
+
+Tensors are read one at a time through safetensors' mmap; nothing is loaded until asked for.
+Tied embeddings (`tie_word_embeddings` and no `lm_head.weight`) expose lm_head as the embedding.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from merger.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_ST_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Parse a .safetensors header without touching tensor data; CheckpointError if it is corrupt."""
+    try:
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) != 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", raw_len)
+            size = path.stat().st_size
+            if n > size - 8 or n > 100_000_000:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            start, end = info["data_offsets"]
+            if not 0 <= start <= end <= size - 8 - n:
+                raise ValueError(f"tensor {name!r} points outside the file")
+            if info["dtype"] not in _ST_DTYPES:
+                raise ValueError(f"tensor {name!r} has unsupported dtype {info['dtype']}")
+        return header
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({e}); re-download or re-save the checkpoint"
+        ) from None
+
+
+class Checkpoint:
+    """One model folder. `names` keeps the on-disk order; `get(name)` reads a single tensor."""
+
+    def __init__(self, path: str | Path, label: str | None = None):
+        self.path = Path(path)
+        self.label = label or str(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"model {self.label!r}: folder {self.path} does not exist")
+        self.config = load_config(self.path, self.label)
+        self._file_of: dict[str, str] = {}
+        self._info: dict[str, dict[str, Any]] = {}
+        self._handles: dict[str, Any] = {}
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{index}: invalid index ({e}); re-save the checkpoint") from None
+            files = sorted(set(weight_map.values()))
+        elif (self.path / SINGLE_NAME).is_file():
+            files, weight_map = [SINGLE_NAME], None
+        else:
+            found = sorted(p.name for p in self.path.glob("*.safetensors"))
+            if not found:
+                pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+                hint = (f" (found pickle weights {', '.join(pickles)}: convert them to safetensors)"
+                        if pickles else "")
+                raise CheckpointError(f"model {self.label!r}: no *.safetensors weights in {self.path}{hint}")
+            files, weight_map = found, None
+        for fname in files:
+            fpath = self.path / fname
+            if not fpath.is_file():
+                raise CheckpointError(f"model {self.label!r}: shard {fname} named in the index is missing")
+            for name, info in read_safetensors_header(fpath).items():
+                if weight_map is None or weight_map.get(name) == fname:
+                    self._file_of[name] = fname
+                    self._info[name] = info
+        if weight_map is not None:
+            missing = [n for n in weight_map if n not in self._file_of]
+            if missing:
+                raise CheckpointError(
+                    f"model {self.label!r}: tensor {missing[0]} listed in the index is not in its shard")
+        self.tied = bool(self.config.get("tie_word_embeddings", False)) and "lm_head.weight" not in self._info
+        self.names: list[str] = list(self._file_of)
+
+    # --- metadata -------------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self._info or (self.tied and name == "lm_head.weight")
+
+    def _resolve(self, name: str) -> str:
+        if name not in self._info and self.tied and name == "lm_head.weight":
+            return self.embed_name()
+        if name not in self._info:
+            raise CheckpointError(f"model {self.label!r}: has no tensor {name!r}; are the models the same architecture?")
+        return name
+
+    def embed_name(self) -> str:
+        for cand in ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight"):
+            if cand in self._info:
+                return cand
+        raise CheckpointError(f"model {self.label!r}: tied embeddings but no embedding tensor found")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._info[self._resolve(name)]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _ST_DTYPES[self._info[self._resolve(name)]["dtype"]]
+
+    def nbytes(self, name: str) -> int:
+        start, end = self._info[self._resolve(name)]["data_offsets"]
+        return end - start
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.get("num_hidden_layers", 0))
+
+    # --- data -----------------------------------------------------------------------------
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (mmap-backed where safetensors allows)."""
+        real = self._resolve(name)
+        fname = self._file_of[real]
+        handle = self._handles.get(fname)
+        if handle is None:
+            try:
+                handle = safe_open(str(self.path / fname), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{self.path / fname}: cannot open ({e})") from None
+            self._handles[fname] = handle
+        try:
+            return handle.get_tensor(real)
+        except Exception as e:
+            raise CheckpointError(f"{self.path / fname}: cannot read tensor {real!r} ({e})") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def load_config(path: Path, label: str) -> dict[str, Any]:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"model {label!r}: {cfg} is missing; a model folder needs its config.json")
+    try:
+        data = json.loads(cfg.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{cfg}: expected a JSON object")
+    return data

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny seeded Llama checkpoints (a base and perturbed fine-tunes) in temp dirs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from merger import synth
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """base, ft_a, ft_b, ft_c: fp32 Llama (hidden 64, 4 layers, vocab 512); fine-tunes = base + noise."""
+    root = tmp_path_factory.mktemp("models")
+    base = synth.make_llama(root / "base", seed=0)
+    for k, name in enumerate(("ft_a", "ft_b", "ft_c"), start=1):
+        synth.make_llama(root / name, seed=k, base=base)
+    return {name: root / name for name in ("base", "ft_a", "ft_b", "ft_c")}
+
+
+@pytest.fixture(scope="session")
+def load_weights():
+    """Read every tensor of a model folder into a dict (test-side reference reader)."""
+    from safetensors.torch import load_file
+
+    def load(path: Path) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for f in sorted(Path(path).glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+
+    return load
