@@ -81,11 +81,18 @@ class ShardWriter:
         weight_map: dict[str, str] = {}
         for (tmp, tensors), fname in zip(self._shards, names):
             os.replace(tmp, self.out_dir / fname)
+            os.chmod(self.out_dir / fname, 0o666 & ~_umask())
             weight_map.update({t: fname for t in tensors})
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return names
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -99,6 +106,7 @@ def staged_output(out_dir: str | Path, force: bool = False) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merger-tmp-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
     except OSError as e:
         raise OutputError(f"cannot create output next to {out_dir} ({e.strerror}); check the path and permissions") from None
     try:

@@ -1,0 +1,185 @@
+"""The `merger` command line: parse, call the library, print. Any MergerError becomes one line
+on stderr and exit code 1 — never a traceback."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from merger import plugins
+from merger.errors import MergerError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Merge LLM checkpoints and compose them into Mixture-of-Experts models.")
+
+PluginOpt = Annotated[Optional[list[Path]], typer.Option(
+    "--plugin", help="Load a one-off plugin module from a .py file (repeatable).")]
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def user_errors(fn):
+    """Turn user errors into one line on stderr and exit 1."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MergerError as e:
+            fail(str(e))
+        except OSError as e:  # disk full, permission denied...
+            fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+        except KeyboardInterrupt:
+            fail("interrupted; nothing was written")
+    return wrapper
+
+
+def _load_plugin_files(paths: list[Path] | None) -> None:
+    plugins.load_plugins()
+    for p in paths or []:
+        plugins.load_plugin_file(p)
+
+
+@app.command()
+@user_errors
+def build(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (mergekit format).")],
+    out_dir: Annotated[Path, typer.Argument(help="Output folder; appears only when complete.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,
+    out_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
+    random_seed: Annotated[int, typer.Option(help="Seed for random methods and gates.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    plugin: PluginOpt = None,
+) -> None:
+    """Build a merge (or an MoE when the recipe has `experts`) into OUT_DIR."""
+    from merger.execute import build_recipe
+    from merger.io.writer import parse_size
+    from merger.recipe import load_recipe
+
+    _load_plugin_files(plugin)
+    try:
+        shard = parse_size(out_shard_size)
+    except ValueError as e:
+        fail(f"--out-shard-size: {e}")
+    loaded = load_recipe(recipe)
+    out = build_recipe(loaded, out_dir, force=force, shard_bytes=shard, seed=random_seed,
+                       label=str(recipe), progress=False if quiet else None)
+    typer.echo(f"wrote {out}", err=True)
+
+
+@app.command()
+@user_errors
+def validate(recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")], plugin: PluginOpt = None) -> None:
+    """Check a recipe (names, parameters, model counts) without reading any tensor."""
+    from merger.recipe import load_recipe
+
+    _load_plugin_files(plugin)
+    loaded = load_recipe(recipe)
+    kind = getattr(loaded, "merge_method", None) or f"moe ({getattr(loaded, 'gate_mode', '?')})"
+    typer.echo(f"{recipe}: ok ({kind})")
+
+
+def method_rows() -> list[dict[str, str]]:
+    rows = []
+    for name, cls in sorted(plugins.methods().items()):
+        rows.append({
+            "name": name,
+            "parameters": ", ".join(_fields(cls.Params, "")),
+            "per-model": ", ".join(_fields(cls.ModelParams, "")),
+            "base_model": {"none": "no", "optional": "optional", "required": "required"}[cls.base],
+            "reference": cls.reference,
+            "plugin": getattr(cls, "_merger_plugin", "?"),
+        })
+    return rows
+
+
+def _fields(model: Any, prefix: str) -> list[str]:
+    out = []
+    for fname, f in model.model_fields.items():
+        key = f.alias or fname
+        out.append(f"{prefix}{key}" + (" (required)" if f.is_required() else f"={f.default!r}"))
+    return out
+
+
+def markdown_table(rows: list[dict[str, str]], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(r[c].replace("|", "\\|") or "—" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+@app.command()
+@user_errors
+def methods(markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,
+            plugin: PluginOpt = None) -> None:
+    """List registered merge methods and their parameters."""
+    _load_plugin_files(plugin)
+    rows = method_rows()
+    cols = ["name", "parameters", "per-model", "base_model", "reference"]
+    if markdown:
+        typer.echo(markdown_table(rows, cols))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*cols, "plugin")
+    for r in rows:
+        table.add_row(*(r[c] for c in cols), r["plugin"])
+    Console().print(table)
+
+
+@app.command("plugins")
+@user_errors
+def plugins_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+                plugin: PluginOpt = None) -> None:
+    """List loaded plugins: distribution, version, hooks, and what each registered."""
+    _load_plugin_files(plugin)
+    registered: dict[str, list[str]] = {}
+    for kind, reg in (("method", plugins.methods()), ("gate", plugins.gate_initializers())):
+        for name, cls in reg.items():
+            registered.setdefault(getattr(cls, "_merger_plugin", "?"), []).append(f"{kind}:{name}")
+    rows = []
+    for name, plug in plugins.pm.list_name_plugin():
+        dist, version = plugins.distribution_of(name)
+        rows.append({"name": name, "distribution": dist, "version": version,
+                     "hooks": plugins.hook_names(plug), "registered": sorted(registered.get(name, []))})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("plugin", "distribution", "version", "hooks", "registered")
+    for r in rows:
+        table.add_row(r["name"], r["distribution"], r["version"], ", ".join(r["hooks"]), ", ".join(r["registered"]))
+    Console().print(table)
+
+
+@app.command()
+@user_errors
+def demo(root: Annotated[Path, typer.Argument(help="Folder for the demo models and outputs.")] = Path("demo")) -> None:
+    """Offline demo: make tiny seeded checkpoints, then build every recipe in recipes/."""
+    from merger.demo import run_demo
+
+    run_demo(root, echo=lambda m: typer.echo(m, err=True))
+
+
+def make_app() -> typer.Typer:
+    """The app with plugin-provided commands added (the hook runs here, never at import)."""
+    try:
+        plugins.load_plugins()
+        plugins.pm.hook.merger_register_commands(app=app)
+    except MergerError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    return app
+
+
+def main() -> None:
+    make_app()(prog_name="merger")

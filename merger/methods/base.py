@@ -1,0 +1,64 @@
+"""The MergeMethod contract: a name, typed parameter models, and one pure tensor function.
+
+`Params` holds global parameters (one value per output tensor, matched against the output
+tensor name); `ModelParams` holds per-model ones (matched against each model's own tensor name).
+Either may be given in a recipe as a scalar, a gradient list or a list of {filter, value}.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+@dataclass(frozen=True)
+class MergeContext:
+    """What a method may know besides the tensors: the output name, a seeded generator, the dtype."""
+
+    name: str
+    generator: torch.Generator
+    dtype: torch.dtype
+
+
+class MergeMethod:
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    # "none": no base_model; "optional"/"required": base passed separately to merge().
+    base: ClassVar[Literal["none", "optional", "required"]] = "none"
+    # True: a base_model is just one more weighted input (linear); it joins `tensors` if not listed.
+    base_is_input: ClassVar[bool] = False
+    # Bounds on len(tensors) (the inputs other than a separately passed base).
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
+
+    Params: ClassVar[type[BaseModel]] = NoParams
+    ModelParams: ClassVar[type[BaseModel]] = NoParams
+
+    @classmethod
+    def check_models(cls, n: int, has_base: bool) -> None:
+        """Raise ValueError if `n` inputs (plus a base if `has_base`) cannot be merged."""
+        if cls.base == "required" and not has_base:
+            raise ValueError(f"{cls.name} needs a base_model")
+        if cls.base == "none" and has_base and not cls.base_is_input:
+            raise ValueError(f"{cls.name} takes no base_model; remove it")
+        if n < cls.min_models or (cls.max_models is not None and n > cls.max_models):
+            if cls.max_models == cls.min_models:
+                want = f"exactly {cls.min_models}"
+            elif cls.max_models is None:
+                want = f"at least {cls.min_models}"
+            else:
+                want = f"{cls.min_models} to {cls.max_models}"
+            extra = " besides base_model" if has_base and not cls.base_is_input else ""
+            raise ValueError(f"{cls.name} merges {want} model(s){extra}, got {n}")
+
+    def merge(self, tensors: list[torch.Tensor], base: torch.Tensor | None, params: BaseModel,
+              model_params: list[BaseModel], ctx: MergeContext) -> torch.Tensor:
+        """Return the merged tensor (same shape as the inputs). Inputs are already in ctx.dtype."""
+        raise NotImplementedError

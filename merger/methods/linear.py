@@ -1,0 +1,35 @@
+"""Linear merge ("model soups", Wortsman et al. 2022, arXiv:2203.05482): Σ wᵢθᵢ, ÷ Σ wᵢ if normalize."""
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from merger.methods.base import MergeContext, MergeMethod
+
+
+class Linear(MergeMethod):
+    name = "linear"
+    description = "Weighted average of the models"
+    reference = "https://arxiv.org/abs/2203.05482"
+    base = "optional"
+    base_is_input = True
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        normalize: bool = True
+
+    class ModelParams(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        weight: float
+
+    def merge(self, tensors, base, params, model_params, ctx: MergeContext) -> torch.Tensor:
+        weights = [p.weight for p in model_params]
+        out = torch.zeros_like(tensors[0])
+        for w, t in zip(weights, tensors):
+            out.add_(t, alpha=w)
+        if params.normalize:
+            total = sum(weights)
+            if abs(total) < 1e-12:
+                raise ValueError("weights sum to 0 with normalize: true; change the weights or set normalize: false")
+            out.div_(total)
+        return out
