@@ -24,12 +24,13 @@ class Linear(MergeMethod):
 
     def merge(self, tensors, base, params, model_params, ctx: MergeContext) -> torch.Tensor:
         weights = [p.weight for p in model_params]
-        out = torch.zeros_like(tensors[0])
-        for w, t in zip(weights, tensors):
-            out.add_(t, alpha=w)
         if params.normalize:
             total = sum(weights)
             if abs(total) < 1e-12:
                 raise ValueError("weights sum to 0 with normalize: true; change the weights or set normalize: false")
-            out.div_(total)
+            # Normalising the weights first keeps a one-model merge bit-exact (w/w == 1).
+            weights = [w / total for w in weights]
+        out = torch.zeros_like(tensors[0])
+        for w, t in zip(weights, tensors):
+            out.add_(t, alpha=w)
         return out

@@ -1,0 +1,191 @@
+"""Every bad input gives one line naming the file/field and what to do, exit 1, no traceback,
+and no output folder (or temp folder) left behind."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from merger import synth
+from merger.cli import app
+
+runner = CliRunner()
+
+
+def run_build(tmp_path: Path, recipe: dict | str, *extra: str) -> tuple[int, str, Path]:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["build", str(path), str(out), "-q", *extra])
+    return res.exit_code, res.stderr, out
+
+
+def assert_one_line_error(code: int, err: str, out: Path, *needles: str) -> None:
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if "merger-tmp" in p.name]
+
+
+def lin(*models: Path, **params) -> dict:
+    return {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models],
+            **params}
+
+
+def test_invalid_yaml(tmp_path):
+    assert_one_line_error(*run_build(tmp_path, "merge_method: linear\nmodels: [a, b\n"), "recipe.yaml",
+                          "invalid YAML", "line")
+
+
+def test_recipe_not_a_mapping(tmp_path):
+    assert_one_line_error(*run_build(tmp_path, "- a\n- b\n"), "YAML mapping")
+
+
+def test_missing_recipe_file(tmp_path):
+    res = runner.invoke(app, ["build", str(tmp_path / "nope.yaml"), str(tmp_path / "out")])
+    assert_one_line_error(res.exit_code, res.stderr, tmp_path / "out", "nope.yaml", "not found")
+
+
+def test_unknown_method_lists_known(tmp_path, tiny_models):
+    r = lin(tiny_models["ft_a"])
+    r["merge_method"] = "lineer"
+    assert_one_line_error(*run_build(tmp_path, r), "merge_method", "lineer", "linear", "task_arithmetic")
+
+
+def test_unknown_parameter_names_yaml_path(tmp_path, tiny_models):
+    r = lin(tiny_models["ft_a"], tiny_models["ft_b"])
+    r["models"][1]["parameters"]["wieght"] = 1
+    assert_one_line_error(*run_build(tmp_path, r), "models[1].parameters.wieght", "weight")
+
+
+def test_bad_parameter_value(tmp_path, tiny_models):
+    r = lin(tiny_models["ft_a"])
+    r["models"][0]["parameters"]["weight"] = "heavy"
+    assert_one_line_error(*run_build(tmp_path, r), "models[0].parameters.weight", "heavy")
+
+
+def test_missing_required_parameter(tmp_path, tiny_models):
+    r = lin(tiny_models["ft_a"])
+    del r["models"][0]["parameters"]["weight"]
+    assert_one_line_error(*run_build(tmp_path, r), "models[0].parameters.weight", "required")
+
+
+def test_unknown_top_level_field(tmp_path, tiny_models):
+    r = lin(tiny_models["ft_a"])
+    r["merge_methd"] = "x"
+    assert_one_line_error(*run_build(tmp_path, r), "merge_methd", "unknown field")
+
+
+def test_missing_model_folder(tmp_path, tiny_models):
+    assert_one_line_error(*run_build(tmp_path, lin(tiny_models["ft_a"], tmp_path / "ghost")), "ghost")
+
+
+def test_missing_config(tmp_path, tiny_models):
+    bad = tmp_path / "noconfig"
+    shutil.copytree(tiny_models["ft_a"], bad)
+    (bad / "config.json").unlink()
+    assert_one_line_error(*run_build(tmp_path, lin(tiny_models["ft_a"], bad)), "config.json")
+
+
+def test_missing_tensor_in_one_input(tmp_path, tiny_models):
+    weights = synth.random_weights(synth.llama_config(), seed=9)
+    del weights["model.layers.2.mlp.up_proj.weight"]
+    synth.write_checkpoint(tmp_path / "holey", synth.llama_config(), weights)
+    assert_one_line_error(*run_build(tmp_path, lin(tiny_models["ft_a"], tmp_path / "holey")),
+                          "holey", "model.layers.2.mlp.up_proj.weight")
+
+
+def test_shape_mismatch(tmp_path, tiny_models):
+    synth.make_llama(tmp_path / "wide", seed=1, intermediate=96)
+    assert_one_line_error(*run_build(tmp_path, lin(tiny_models["ft_a"], tmp_path / "wide")),
+                          "shape mismatch", "[64, 96]", "[64, 128]")
+
+
+def test_layer_range_out_of_bounds(tmp_path, tiny_models):
+    r = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(tiny_models["ft_a"]), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(tiny_models["ft_b"]), "layer_range": [2, 9]}]}]}
+    assert_one_line_error(*run_build(tmp_path, r), "slices[1].sources[0].layer_range", "4 layers")
+
+
+def test_layer_range_backwards(tmp_path, tiny_models):
+    r = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(tiny_models["ft_a"]), "layer_range": [3, 1]}]}]}
+    assert_one_line_error(*run_build(tmp_path, r), "slices[0].sources[0].layer_range")
+
+
+def test_task_arithmetic_without_base(tmp_path, tiny_models):
+    r = lin(tiny_models["ft_a"])
+    r["merge_method"] = "task_arithmetic"
+    assert_one_line_error(*run_build(tmp_path, r), "merge_method", "base_model")
+
+
+def test_passthrough_two_models(tmp_path, tiny_models):
+    r = {"merge_method": "passthrough", "models": [{"model": str(tiny_models["ft_a"])},
+                                                   {"model": str(tiny_models["ft_b"])}]}
+    assert_one_line_error(*run_build(tmp_path, r), "passthrough", "exactly 1")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage_header", "huge_length"])
+def test_corrupt_safetensors_header(tmp_path, tiny_models, damage):
+    bad = tmp_path / "corrupt"
+    shutil.copytree(tiny_models["ft_a"], bad)
+    f = bad / "model.safetensors"
+    data = f.read_bytes()
+    if damage == "truncated":
+        f.write_bytes(data[:5])
+    elif damage == "garbage_header":
+        f.write_bytes(data[:8] + b"{not json" + data[17:])
+    else:
+        f.write_bytes((10**12).to_bytes(8, "little") + data[8:])
+    assert_one_line_error(*run_build(tmp_path, lin(tiny_models["ft_a"], bad)), "model.safetensors",
+                          "safetensors")
+
+
+def test_output_exists_needs_force(tmp_path, tiny_models):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(lin(tiny_models["ft_a"])))
+    res = runner.invoke(app, ["build", str(path), str(out), "-q"])
+    assert res.exit_code == 1 and "already exists" in res.stderr and "--force" in res.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    res = runner.invoke(app, ["build", str(path), str(out), "-q", "--force"])
+    assert res.exit_code == 0, res.stderr
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]
+
+
+def test_failure_midway_leaves_nothing(tmp_path, tiny_models):
+    """An input whose header is fine but whose data is cut short fails during the merge itself."""
+    bad = tmp_path / "short"
+    shutil.copytree(tiny_models["ft_b"], bad)
+    f = bad / "model.safetensors"
+    n = int.from_bytes(f.read_bytes()[:8], "little")
+    header = json.loads(f.read_bytes()[8:8 + n])
+    last = max(header.values(), key=lambda v: v.get("data_offsets", [0, 0])[1] if isinstance(v, dict) else 0)
+    assert last
+    # Keep the header but shrink the file so only the last tensor's bytes are missing.
+    f.write_bytes(f.read_bytes()[: 8 + n + last["data_offsets"][0]])
+    assert_one_line_error(*run_build(tmp_path, lin(tiny_models["ft_a"], bad)), "short")
+
+
+def test_bad_shard_size(tmp_path, tiny_models):
+    assert_one_line_error(*run_build(tmp_path, lin(tiny_models["ft_a"]), "--out-shard-size", "lots"),
+                          "--out-shard-size")
+
+
+def test_validate_reads_no_tensor(tmp_path, tiny_models):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(lin(tiny_models["ft_a"], tmp_path / "not-there-yet")))
+    res = runner.invoke(app, ["validate", str(path)])
+    assert res.exit_code == 0 and "ok (linear)" in res.stdout
