@@ -183,7 +183,7 @@ def make_plan(recipe: MergeRecipe, method: type, ckpts: dict[str, Checkpoint], l
     non_layer(parts[-1], pre=False)
 
     tok = recipe.tokenizer_source
-    tokenizer_ref = reference if tok in (None, "base", "union") else tok
+    tokenizer_ref = reference if tok in (None, "base") else tok
     return Plan(method=method, jobs=jobs, reference=reference, num_layers=out_layer,
                 tokenizer_ref=tokenizer_ref, compute_dtype=compute, out_dtype=out_dt,
                 models=recipe.model_refs())

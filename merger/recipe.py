@@ -114,6 +114,13 @@ class MergeRecipe(_Model):
     name: str | None = None
     plugins: list[str] = Field(default_factory=list)
 
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _tokenizer(cls, v: str | None) -> str | None:
+        if v == "union":
+            raise ValueError("`union` (merging vocabularies) is not supported; use `base` or a model reference")
+        return v
+
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _dtype(cls, v: str | None) -> str | None:
@@ -139,7 +146,7 @@ class MergeRecipe(_Model):
             refs += [m.model for m in self.models]
         for s in self.slices or []:
             refs += [src.model for src in s.sources]
-        if self.tokenizer_source and self.tokenizer_source not in ("base", "union"):
+        if self.tokenizer_source and self.tokenizer_source != "base":
             refs.append(self.tokenizer_source)
         return list(dict.fromkeys(refs))
 
@@ -206,16 +213,44 @@ def load_recipe(path: str | Path) -> BaseModel:
     return recipe
 
 
-def _field_adapters(model: type[BaseModel]) -> dict[str, tuple[str, TypeAdapter, bool]]:
-    """Map every accepted key (name and alias) -> (field name, adapter for one value, required)."""
-    out = {}
-    for fname, field in model.model_fields.items():
+class _Field:
+    """One parameter of a method: the keys a recipe may use for it, a validator, requiredness."""
+
+    def __init__(self, name: str, info: Any):
         from typing import Annotated
-        ann = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
-        entry = (fname, TypeAdapter(ann), field.is_required())
-        out[field.alias or fname] = entry
-        out[fname] = entry
+
+        self.name = name
+        self.key = info.alias or name
+        self.keys = {name, self.key}
+        ann = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        self.adapter = TypeAdapter(ann)
+        self.required = info.is_required()
+
+    def given(self, *levels: Params) -> bool:
+        return any(k in level for level in levels for k in self.keys)
+
+
+def _fields(model: type[BaseModel]) -> dict[str, _Field]:
+    """Every accepted key (field name and alias) -> its _Field."""
+    out: dict[str, _Field] = {}
+    for name, info in model.model_fields.items():
+        f = _Field(name, info)
+        out.update({k: f for k in f.keys})
     return out
+
+
+def _first_values(params: Params, fields: dict[str, _Field]) -> dict[str, Any]:
+    return {k: candidate_values(v)[0] for k, v in params.items() if k in fields}
+
+
+def _cross_check(model: type[BaseModel], values: dict[str, Any], where: str) -> None:
+    """Run a Params model's own validators (e.g. della's epsilon vs density) on representative values."""
+    try:
+        model.model_validate(values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        if err["type"] != "missing":
+            raise RecipeError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 def validate_merge_recipe(recipe: MergeRecipe, path: str | Path) -> None:
@@ -225,21 +260,20 @@ def validate_merge_recipe(recipe: MergeRecipe, path: str | Path) -> None:
         raise RecipeError(f"{path}: merge_method: unknown method {recipe.merge_method!r}; "
                           f"registered: {', '.join(sorted(registry))}")
     method = registry[recipe.merge_method]
-    gfields = _field_adapters(method.Params)
-    mfields = _field_adapters(method.ModelParams)
+    gfields, mfields = _fields(method.Params), _fields(method.ModelParams)
 
     def check(params: Params, where: str, allow_global: bool) -> None:
         for key, value in params.items():
             loc = f"{where}.parameters.{key}" if where else f"parameters.{key}"
-            entry = mfields.get(key) or (gfields.get(key) if allow_global else None)
-            if entry is None:
-                known = sorted(set(mfields) | (set(gfields) if allow_global else set()))
+            field = mfields.get(key) or (gfields.get(key) if allow_global else None)
+            if field is None:
+                known = sorted({f.key for f in mfields.values()} | ({f.key for f in gfields.values()} if allow_global else set()))
                 scope = "" if allow_global else " per model"
                 raise RecipeError(f"{path}: {loc}: {method.name} has no parameter {key!r}{scope}; "
                                   f"known: {', '.join(known) or 'none'}")
             for v in candidate_values(value):
                 try:
-                    entry[1].validate_python(v)
+                    field.adapter.validate_python(v)
                 except ValidationError as e:
                     msg = e.errors()[0]["msg"].removeprefix("Value error, ")
                     raise RecipeError(f"{path}: {loc}: {msg} (got {v!r})") from None
@@ -266,31 +300,15 @@ def validate_merge_recipe(recipe: MergeRecipe, path: str | Path) -> None:
         except ValueError as e:
             raise RecipeError(f"{path}: {where + '.' if where else ''}merge_method: {e}") from None
         for loc, _ref, params in inputs:
-            merged = {**recipe.parameters, **slice_params, **params}
-            try:
-                method.ModelParams.model_validate(
-                    {k: candidate_values(v)[0] for k, v in merged.items() if k in mfields})
-            except ValidationError as e:
-                err = e.errors()[0]
-                if err["type"] != "missing":
-                    raise RecipeError(f"{path}: {loc}.parameters: {err['msg'].removeprefix('Value error, ')}") from None
-            for key, (fname, _ad, required) in mfields.items():
-                if required and key == fname and not any(
-                        k in p for p in (params, slice_params, recipe.parameters) for k in (key, method.ModelParams.model_fields[fname].alias) if k):
-                    raise RecipeError(f"{path}: {loc}.parameters.{key}: required by {method.name}; "
+            levels = (params, slice_params, recipe.parameters)
+            for f in set(mfields.values()):
+                if f.required and not f.given(*levels):
+                    raise RecipeError(f"{path}: {loc}.parameters.{f.key}: required by {method.name}; "
                                       f"set it per model or in the top-level parameters")
-    for key, (fname, _ad, required) in gfields.items():
-        if required and key == fname:
-            alias = method.Params.model_fields[fname].alias
-            present = any(k in recipe.parameters for k in (key, alias) if k) or (
-                recipe.slices and all(any(k in s.parameters for k in (key, alias) if k) for s in recipe.slices))
-            if not present:
-                raise RecipeError(f"{path}: parameters.{alias or key}: required by {method.name}")
-    # Whole-model checks that cross-field validators (e.g. della's epsilon) express in Params.
-    try:
-        method.Params.model_validate({k: candidate_values(v)[0] for k, v in recipe.parameters.items()
-                                      if k in gfields})
-    except ValidationError as e:
-        err = e.errors()[0]
-        if err["type"] != "missing":
-            raise RecipeError(f"{path}: parameters: {err['msg'].removeprefix('Value error, ')}") from None
+            merged = {**recipe.parameters, **slice_params, **params}
+            _cross_check(method.ModelParams, _first_values(merged, mfields), f"{path}: {loc}.parameters")
+    for f in set(gfields.values()):
+        if f.required and not (f.given(recipe.parameters) or (
+                recipe.slices and all(f.given(s.parameters) for s in recipe.slices))):
+            raise RecipeError(f"{path}: parameters.{f.key}: required by {method.name}")
+    _cross_check(method.Params, _first_values(recipe.parameters, gfields), f"{path}: parameters")

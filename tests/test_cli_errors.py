@@ -189,3 +189,17 @@ def test_validate_reads_no_tensor(tmp_path, tiny_models):
     path.write_text(yaml.safe_dump(lin(tiny_models["ft_a"], tmp_path / "not-there-yet")))
     res = runner.invoke(app, ["validate", str(path)])
     assert res.exit_code == 0 and "ok (linear)" in res.stdout
+
+
+def test_tokenizer_union_rejected(tmp_path, tiny_models):
+    r = lin(tiny_models["ft_a"], tokenizer_source="union")
+    assert_one_line_error(*run_build(tmp_path, r), "tokenizer_source", "union")
+
+
+def test_unreadable_output_parent(tmp_path, tiny_models):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(lin(tiny_models["ft_a"])))
+    res = runner.invoke(app, ["build", str(path), str(blocker / "out"), "-q"])
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "error:" in res.stderr
