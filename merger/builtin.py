@@ -9,11 +9,18 @@ from merger.hookspecs import hookimpl
 from merger.methods.linear import Linear
 from merger.methods.passthrough import Passthrough
 from merger.methods.task_arithmetic import TaskArithmetic
+from merger.moe.gates import BUILTIN_GATES
 
 
 @hookimpl
 def merger_register_methods(register) -> None:
     for cls in (Linear, TaskArithmetic, Passthrough):
+        register(cls)
+
+
+@hookimpl
+def merger_register_gate_initializers(register) -> None:
+    for cls in BUILTIN_GATES:
         register(cls)
 
 

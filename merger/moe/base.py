@@ -1,11 +1,71 @@
 """The GateInitializer contract: a name, a typed Params model, and one function producing the
-router weights of every layer, shape (layers, experts, hidden), float32."""
+router weights of every layer, shape (layers, experts, hidden), float32, from a GateContext
+(shapes, each expert's prompts, a seeded generator, lazy access to the base model's embedding,
+tokenizer and per-layer hidden states through merger's own engine)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+
+@dataclass(frozen=True)
+class ExpertPrompts:
+    """One router row to initialise: `where` names it in the recipe (e.g. `experts[1]`)."""
+
+    where: str
+    positive: tuple[str, ...] = ()
+    negative: tuple[str, ...] = ()
+
+
+@dataclass
+class GateContext:
+    """Everything an initializer may use. The base model and tokenizer load on first use only,
+    so modes that need neither (random) never read a tensor of the base."""
+
+    num_layers: int
+    hidden_size: int
+    experts: list[ExpertPrompts]
+    generator: torch.Generator
+    params: BaseModel
+    base_path: Path
+    embed_reader: Any = None            # callable () -> [V, D] tensor, set by the composer
+    _tokenizer: Any = field(default=None, repr=False)
+    _model: Any = field(default=None, repr=False)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """BOS + the prompt's tokens, no other special tokens (mergekit's tokenisation)."""
+        if self._tokenizer is None:
+            from merger.engine.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.base_path)
+        return list(self._tokenizer.encode(prompt, add_bos=True))
+
+    def embedding(self) -> torch.Tensor:
+        """The base's input embedding [V, D] in float32."""
+        return self.embed_reader().float()
+
+    def layer_states(self, prompt: str) -> dict[str, torch.Tensor]:
+        """The base model's per-layer states for BOS + prompt: {"layer_input", "mlp_input"}, float32 [L, T, D]."""
+        if self._model is None:
+            from merger.engine.model import load_model
+
+            # float32 whatever the checkpoint's dtype: gate rows are directions, and bf16 rounding of
+            # near-identical prompts' states would decide them
+            self._model = load_model(self.base_path, dtype=torch.float32)
+        ids = torch.tensor([self.tokenize(prompt)], dtype=torch.long)
+        return self._model.layer_states(ids)
+
+    def release(self) -> None:
+        """Drop the base model before the output is written (it can be as large as one expert)."""
+        self._model = None
 
 
 class GateInitializer:
@@ -17,6 +77,6 @@ class GateInitializer:
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-    def init_gates(self, ctx: Any) -> torch.Tensor:
+    def init_gates(self, ctx: GateContext) -> torch.Tensor:
         """Return router weights (layers, experts, hidden) in float32."""
         raise NotImplementedError
