@@ -107,6 +107,16 @@ def _fields(model: Any, prefix: str) -> list[str]:
     return out
 
 
+def print_table(table: Any) -> None:
+    """Print a rich table whole: names fold rather than end in an ellipsis (they are copied into
+    recipes), and piped output is not squeezed to 80 columns (it is grepped)."""
+    from rich.console import Console
+
+    for col in table.columns:
+        col.overflow = "fold"
+    Console(width=None if sys.stdout.isatty() else 10_000).print(table)
+
+
 def markdown_table(rows: list[dict[str, str]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
@@ -125,40 +135,33 @@ def methods(markdown: Annotated[bool, typer.Option("--markdown", help="Print a M
     if markdown:
         typer.echo(markdown_table(rows, cols))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(*cols, "plugin")
     for r in rows:
         table.add_row(*(r[c] for c in cols), r["plugin"])
-    Console().print(table)
+    print_table(table)
 
 
 @app.command("plugins")
 @user_errors
 def plugins_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
                 plugin: PluginOpt = None) -> None:
-    """List loaded plugins: distribution, version, hooks, and what each registered."""
+    """List plugins: distribution, version, hooks, and what each registered. Installed plugins
+    that MERGER_LOAD_PLUGINS leaves out are listed as not loaded."""
     _load_plugin_files(plugin)
-    registered: dict[str, list[str]] = {}
-    for kind, reg in (("method", plugins.methods()), ("gate", plugins.gate_initializers())):
-        for name, cls in reg.items():
-            registered.setdefault(getattr(cls, "_merger_plugin", "?"), []).append(f"{kind}:{name}")
-    rows = []
-    for name, plug in plugins.pm.list_name_plugin():
-        dist, version = plugins.distribution_of(name)
-        rows.append({"name": name, "distribution": dist, "version": version,
-                     "hooks": plugins.hook_names(plug), "registered": sorted(registered.get(name, []))})
+    rows = plugins.describe_plugins()
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("plugin", "distribution", "version", "hooks", "registered")
     for r in rows:
-        table.add_row(r["name"], r["distribution"], r["version"], ", ".join(r["hooks"]), ", ".join(r["registered"]))
-    Console().print(table)
+        registered = "\n".join(r["registered"]) if r["loaded"] else f"(not loaded: {plugins.ENV_ALLOW})"
+        hooks = "\n".join(h.removeprefix("merger_") for h in r["hooks"])
+        table.add_row(r["name"], r["distribution"], r["version"], hooks, registered)
+    print_table(table)
 
 
 @app.command()
