@@ -33,6 +33,7 @@ class GateContext:
     params: BaseModel
     base_path: Path
     embed_reader: Any = None            # callable () -> [V, D] tensor, set by the composer
+    weight_reader: Any = None           # callable (row | None, tensor name) -> tensor, set by the composer
     _tokenizer: Any = field(default=None, repr=False)
     _model: Any = field(default=None, repr=False)
 
@@ -51,6 +52,14 @@ class GateContext:
     def embedding(self) -> torch.Tensor:
         """The base's input embedding [V, D] in float32."""
         return self.embed_reader().float()
+
+    def weight(self, name: str, row: int | None = None) -> torch.Tensor:
+        """One tensor, float32, read lazily: of the base model (row None) or of the source model
+        of router row `row` (an index into `experts`), e.g. for initializers that derive routers
+        from what fine-tuning changed in each expert."""
+        if self.weight_reader is None:
+            raise RuntimeError("this GateContext was built without a weight_reader")
+        return self.weight_reader(row, name).float()
 
     def layer_states(self, prompt: str) -> dict[str, torch.Tensor]:
         """The base model's per-layer states for BOS + prompt: {"layer_input", "mlp_input"}, float32 [L, T, D]."""
