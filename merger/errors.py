@@ -20,3 +20,7 @@ class PluginError(MergerError):
 
 class OutputError(MergerError):
     """The output location cannot be written (exists without --force, not writable...)."""
+
+
+class HubError(MergerError):
+    """A Hugging Face Hub repository cannot be found, read, downloaded or written."""
