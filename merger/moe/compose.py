@@ -42,7 +42,7 @@ def build_moe(recipe: MoERecipe, out_dir: str | Path, *, force: bool = False,
     shapes = check_inputs(recipe, ckpts, label)
     warn_identical_experts(recipe, paths)
     base = ckpts[recipe.base_model]
-    gates = compute_gates(recipe, base, paths[recipe.base_model], shapes, seed)
+    gates = compute_gates(recipe, ckpts, paths[recipe.base_model], shapes, seed)
     out_dtype = output_dtype(recipe, base)
     sources = plan_tensors(recipe, ckpts, shapes, gates, out_dtype or base.dtype("model.embed_tokens.weight"), seed)
     show = Progress(f"composing MoE ({recipe.gate_mode})", progress)
@@ -88,16 +88,23 @@ def warn_identical_experts(recipe: MoERecipe, paths: dict[str, Path]) -> None:
 
 
 # --- router rows ------------------------------------------------------------------------
-def compute_gates(recipe: MoERecipe, base: Checkpoint, base_path: Path, shapes: Shapes, seed: int) -> torch.Tensor:
+def compute_gates(recipe: MoERecipe, ckpts: dict[str, Checkpoint], base_path: Path, shapes: Shapes,
+                  seed: int) -> torch.Tensor:
     """Router rows (layers, experts [+ shared], hidden) in float32 from the recipe's gate plugin."""
     cls = plugins.gate_initializers()[recipe.gate_mode]
     who = f"gate initializer {cls.name!r} (plugin {getattr(cls, '_merger_plugin', '?')!r})"
+    members = recipe.gate_rows()
     rows = [ExpertPrompts(where, tuple(e.positive_prompts or ()), tuple(e.negative_prompts or ()))
-            for where, e in recipe.gate_rows()]
+            for where, e in members]
+    base = ckpts[recipe.base_model]
+
+    def read_weight(row: int | None, name: str) -> torch.Tensor:
+        return (base if row is None else ckpts[members[row][1].source_model]).get(name)
+
     ctx = GateContext(num_layers=shapes.num_layers, hidden_size=shapes.hidden, experts=rows,
                       generator=torch.Generator().manual_seed(seed),
                       params=cls.Params.model_validate(recipe.gate_parameters), base_path=base_path,
-                      embed_reader=lambda: base.get("model.embed_tokens.weight"))
+                      embed_reader=lambda: base.get("model.embed_tokens.weight"), weight_reader=read_weight)
     try:
         out = cls().init_gates(ctx)
     except MergerError:
