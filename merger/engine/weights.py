@@ -1,0 +1,105 @@
+"""Checkpoint tensor names (Hugging Face layout) -> the engine's fused state dict.
+
+q/k/v become one `wqkv`, gate/up one `w13`; experts (Mixtral `block_sparse_moe.experts.{j}.w1|w2|w3`,
+Qwen2-MoE `mlp.experts.{j}.gate_proj|up_proj|down_proj`, or transformers 5's already-stacked
+`mlp.experts.gate_up_proj` / `down_proj`) are stacked into [E, 2F, D] and [E, D, F] at load.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from merger.engine.config import ModelConfig
+from merger.errors import CheckpointError
+from merger.io.checkpoint import Checkpoint
+
+
+class _Reader:
+    """Reads checkpoint tensors converted to the target dtype/device, with a clear error when absent."""
+
+    def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+        self.ckpt, self.cfg, self.dtype, self.device = ckpt, cfg, dtype, device
+
+    def has(self, name: str) -> bool:
+        return self.ckpt.has(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        if not self.ckpt.has(name):
+            raise CheckpointError(
+                f"{self.ckpt.path}: tensor {name!r} is missing; the weights do not match config.json "
+                f"(model_type {self.cfg.model_type!r}); re-save the checkpoint or fix its config")
+        return self.ckpt.get(name).to(device=self.device, dtype=self.dtype)
+
+    def cat(self, names: list[str]) -> torch.Tensor:
+        return torch.cat([self.get(n) for n in names], dim=0)
+
+    def stack_into(self, shape: tuple[int, ...], parts: list[list[str]]) -> torch.Tensor:
+        """out[j] = cat(parts[j]): filled expert by expert so only one expert is ever held twice."""
+        out = torch.empty(shape, dtype=self.dtype, device=self.device)
+        for j, names in enumerate(parts):
+            out[j] = self.cat(names)
+        return out
+
+
+def read_state_dict(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor the Transformer needs, named as its parameters, read lazily from `path`."""
+    ckpt = Checkpoint(path)
+    r = _Reader(ckpt, cfg, dtype, device)
+    sd: dict[str, torch.Tensor] = {"embed": r.get("model.embed_tokens.weight")}
+    for i in range(cfg.num_layers):
+        p, o = f"model.layers.{i}.", f"layers.{i}."
+        a = p + "self_attn."
+        sd[o + "attn_norm.weight"] = r.get(p + "input_layernorm.weight")
+        sd[o + "ffn_norm.weight"] = r.get(p + "post_attention_layernorm.weight")
+        sd[o + "attn.wqkv"] = r.cat([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"])
+        if cfg.qkv_bias:
+            sd[o + "attn.bqkv"] = r.cat([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"])
+        sd[o + "attn.wo"] = r.get(a + "o_proj.weight")
+        if cfg.o_bias:
+            sd[o + "attn.bo"] = r.get(a + "o_proj.bias")
+        if cfg.moe_layers[i]:
+            sd.update(_moe(r, cfg, p, o + "ffn."))
+        else:
+            sd.update(_dense(r, p + "mlp.", o + "ffn.", cfg.mlp_bias))
+    sd["norm.weight"] = r.get("model.norm.weight")
+    # tie_word_embeddings means lm_head *is* the embedding, even if a stale lm_head was saved
+    sd["output"] = sd["embed"] if cfg.tie_word_embeddings else r.get("lm_head.weight")
+    ckpt.close()
+    return sd
+
+
+def _dense(r: _Reader, src: str, dst: str, bias: bool) -> dict[str, torch.Tensor]:
+    sd = {dst + "w13": r.cat([src + "gate_proj.weight", src + "up_proj.weight"]),
+          dst + "w2": r.get(src + "down_proj.weight")}
+    if bias:
+        sd[dst + "b13"] = r.cat([src + "gate_proj.bias", src + "up_proj.bias"])
+        sd[dst + "b2"] = r.get(src + "down_proj.bias")
+    return sd
+
+
+def _moe(r: _Reader, cfg: ModelConfig, p: str, dst: str) -> dict[str, torch.Tensor]:
+    n_exp, d, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    # Mixtral checkpoints say block_sparse_moe; transformers 5 (and Qwen2-MoE) say mlp
+    block = p + ("block_sparse_moe." if r.has(p + "block_sparse_moe.gate.weight") else "mlp.")
+    ex = block + "experts."
+    sd = {dst + "router": r.get(block + "gate.weight")}
+    if r.has(ex + "gate_up_proj"):  # already stacked: [E, 2F, D] and [E, D, F]
+        sd[dst + "w13"], sd[dst + "w2"] = r.get(ex + "gate_up_proj"), r.get(ex + "down_proj")
+    elif r.has(ex + "0.w1.weight"):  # Mixtral: w1 = gate, w3 = up, w2 = down
+        sd[dst + "w13"] = r.stack_into((n_exp, 2 * f, d), [[f"{ex}{j}.w1.weight", f"{ex}{j}.w3.weight"]
+                                                           for j in range(n_exp)])
+        sd[dst + "w2"] = r.stack_into((n_exp, d, f), [[f"{ex}{j}.w2.weight"] for j in range(n_exp)])
+    else:
+        sd[dst + "w13"] = r.stack_into((n_exp, 2 * f, d), [[f"{ex}{j}.gate_proj.weight", f"{ex}{j}.up_proj.weight"]
+                                                           for j in range(n_exp)])
+        sd[dst + "w2"] = r.stack_into((n_exp, d, f), [[f"{ex}{j}.down_proj.weight"] for j in range(n_exp)])
+    for name in ("w13", "w2"):
+        want = (n_exp, 2 * f, d) if name == "w13" else (n_exp, d, f)
+        if tuple(sd[dst + name].shape) != want:
+            raise CheckpointError(f"{r.ckpt.path}: experts of {block!r} have shape {tuple(sd[dst + name].shape)}, "
+                                  f"config.json implies {want}; fix num_experts / moe_intermediate_size")
+    if cfg.shared_expert_intermediate_size:
+        sd.update(_dense(r, block + "shared_expert.", dst + "shared.", False))
+        sd[dst + "shared_gate"] = r.get(block + "shared_expert_gate.weight")
+    return sd
