@@ -1,0 +1,124 @@
+"""Routing report (`merger route`): for each prompt, which experts each layer's router picks at the
+last token and with what weight, plus each expert's share of the routing weight over all tokens.
+Router probabilities come from the router's own input (the engine's post-attention-norm states)
+and the checkpoint's gate rows: softmax in float32, top-k, renormalised as the model does."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from merger.errors import CheckpointError, MergerError
+from merger.execute import RECIPE_NAME
+from merger.io.checkpoint import Checkpoint
+
+
+@dataclass
+class LayerRoute:
+    layer: int
+    experts: list[int]   # top-k at the last token, best first
+    weights: list[float]  # their routing weights (renormalised when the model renormalises)
+    share: list[float]   # per expert: its routing weight averaged over all tokens (0 where not picked)
+
+
+@dataclass
+class PromptRoute:
+    prompt: str
+    tokens: int
+    layers: list[LayerRoute]
+
+
+@dataclass
+class RouteReport:
+    experts: list[str]   # a label per expert (its source model when merger built the folder)
+    top_k: int
+    prompts: list[PromptRoute]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def router_weights(ck: Checkpoint, num_layers: int) -> list[torch.Tensor]:
+    """Each layer's router [E, D], whichever of the two layouts (or transformers 5's names) holds it."""
+    out = []
+    for i in range(num_layers):
+        for name in (f"model.layers.{i}.block_sparse_moe.gate.weight", f"model.layers.{i}.mlp.gate.weight"):
+            if ck.has(name):
+                out.append(ck.get(name).float())
+                break
+        else:
+            raise CheckpointError(f"model {ck.label!r}: layer {i} has no router (block_sparse_moe.gate.weight or "
+                                  f"mlp.gate.weight); `merger route` needs a Mixtral or Qwen2-MoE checkpoint")
+    return out
+
+
+def expert_labels(path: Path, n: int) -> list[str]:
+    """Source models from the recipe merger saved beside the weights, else e0, e1, ..."""
+    try:
+        data = yaml.safe_load((path / RECIPE_NAME).read_text())
+        labels = [str(e["source_model"]) for e in data["experts"]]
+        if len(labels) == n:
+            return labels
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        pass
+    return [f"expert {j}" for j in range(n)]
+
+
+def route_probabilities(states: torch.Tensor, router: torch.Tensor, top_k: int,
+                        normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """states [T, D], router [E, D] -> (dense weights [T, E], top weights [T, k], top experts [T, k])."""
+    probs = torch.softmax(states.float() @ router.float().T, dim=-1)  # [T, E]
+    top_w, top_e = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    dense = torch.zeros_like(probs).scatter(-1, top_e, top_w)
+    return dense, top_w, top_e
+
+
+def route_report(model_dir: str | Path, prompts: list[str], dtype: torch.dtype | None = None,
+                 device: str = "cpu") -> RouteReport:
+    """Run each prompt (BOS + prompt, as the gates were built) through the engine and report routing."""
+    from merger.engine.model import load_model
+    from merger.engine.tokenizer import load_tokenizer
+
+    path = Path(model_dir)
+    ck = Checkpoint(path)
+    mt = ck.config.get("model_type")
+    if mt not in ("mixtral", "qwen2_moe"):
+        raise MergerError(f"{path}: model_type {mt!r} is not an MoE; `merger route` reads Mixtral or Qwen2-MoE "
+                          f"checkpoints (build one with `merger build moe.yaml OUT`)")
+    if not prompts:
+        raise MergerError("give at least one prompt to route")
+    top_k = int(ck.config.get("num_experts_per_tok", 2))
+    normalize = mt == "mixtral" or bool(ck.config.get("norm_topk_prob", False))
+    routers = router_weights(ck, ck.num_layers)
+    model = load_model(path, dtype=dtype, device=device)
+    tok = load_tokenizer(path)
+    out = []
+    for prompt in prompts:
+        ids = tok.encode(prompt, add_bos=True)
+        if not ids:
+            raise MergerError("an empty prompt has no tokens to route (this tokenizer adds no BOS); give some text")
+        states = model.layer_states(torch.tensor([ids], dtype=torch.long, device=device))["mlp_input"].cpu()
+        layers = []
+        for i, router in enumerate(routers):
+            dense, top_w, top_e = route_probabilities(states[i], router, top_k, normalize)
+            layers.append(LayerRoute(layer=i, experts=top_e[-1].tolist(), weights=top_w[-1].tolist(),
+                                     share=dense.mean(dim=0).tolist()))
+        out.append(PromptRoute(prompt=prompt, tokens=len(ids), layers=layers))
+    return RouteReport(experts=expert_labels(path, routers[0].shape[0]), top_k=top_k, prompts=out)
+
+
+def format_report(report: RouteReport) -> str:
+    """Plain text: a legend of experts, then per prompt one line per layer."""
+    lines = ["experts: " + ", ".join(f"e{j} = {name}" for j, name in enumerate(report.experts))]
+    for p in report.prompts:
+        lines += ["", f"{p.prompt!r} ({p.tokens} tokens): top-{report.top_k} at the last token | "
+                      f"share of routing weight over all tokens"]
+        for lr in p.layers:
+            picked = ", ".join(f"e{e} {w:.3f}" for e, w in zip(lr.experts, lr.weights))
+            share = " ".join(f"e{j} {s:.2f}" for j, s in enumerate(lr.share))
+            lines.append(f"  layer {lr.layer:>2}: {picked:<{11 * report.top_k}} | {share}")
+    return "\n".join(lines)
