@@ -85,6 +85,45 @@ def validate(recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")], plugi
     typer.echo(f"{recipe}: ok ({kind})")
 
 
+@app.command()
+@user_errors
+def generate(
+    model_dir: Annotated[Path, typer.Argument(help="Model folder: config.json, safetensors, tokenizer.json.")],
+    prompt: Annotated[str, typer.Argument(help="Prompt text.")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest tokens; 0 = off.")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling probability mass; 1 = off.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line instead of streaming.")] = False,
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16; default: the checkpoint's.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Generate text with the bundled engine (Llama, Mistral, Mixtral, Qwen2-MoE checkpoints)."""
+    from merger.engine.generate import generate as run_generation
+    from merger.engine.model import load_model
+    from merger.engine.tokenizer import load_tokenizer
+    from merger.io.dtypes import parse_dtype
+
+    try:
+        torch_dtype = parse_dtype(dtype) if dtype else None
+    except ValueError as e:
+        fail(f"--dtype: {e}")
+    if device != "cpu" and not device.startswith("cuda"):
+        fail(f"--device: unknown device {device!r}; use cpu or cuda")
+    model, tok = load_model(model_dir, torch_dtype, device), load_tokenizer(model_dir)
+    stream = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    res = run_generation(model, tok, prompt, max_new_tokens, temperature, top_k or None,
+                         top_p if top_p < 1 else None, seed, chat, stream)
+    if as_json:
+        typer.echo(json.dumps(res.to_dict()))
+        return
+    typer.echo("")
+    typer.echo(f"{len(res.token_ids)} tokens after a {res.prompt_tokens}-token prompt: prefill "
+               f"{res.prefill_s:.2f}s, decode {res.decode_tokens_per_s:.1f} tokens/s", err=True)
+
+
 def method_rows() -> list[dict[str, str]]:
     rows = []
     for name, cls in sorted(plugins.methods().items()):
@@ -162,6 +201,27 @@ def plugins_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON
         hooks = "\n".join(h.removeprefix("merger_") for h in r["hooks"])
         table.add_row(r["name"], r["distribution"], r["version"], hooks, registered)
     print_table(table)
+
+
+@app.command()
+@user_errors
+def route(
+    model_dir: Annotated[Path, typer.Argument(help="An MoE folder (Mixtral or Qwen2-MoE layout).")],
+    prompts: Annotated[list[str], typer.Argument(help="One or more prompts to route.")],
+    dtype: Annotated[Optional[str], typer.Option(help="Run in this dtype (default: the checkpoint's).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda[:n].")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show which experts each layer routes each prompt to, and with what weight."""
+    from merger.io.dtypes import parse_dtype
+    from merger.moe.route import format_report, route_report
+
+    try:
+        torch_dtype = parse_dtype(dtype) if dtype else None
+    except ValueError as e:
+        fail(f"--dtype: {e}")
+    report = route_report(model_dir, prompts, dtype=torch_dtype, device=device)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
 
 
 @app.command()
