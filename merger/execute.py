@@ -57,13 +57,13 @@ def run_jobs(plan: Plan, ckpts: dict[str, Checkpoint], writer: ShardWriter, seed
                            dtype=plan.compute_dtype)
         try:
             out = method.merge(tensors, base, job.params, job.model_params, ctx)
-        except ValueError as e:
-            raise RecipeError(f"{plan.method.name} on tensor {job.name}: {e}") from None
+        except ValueError as e:  # the contract's way to reject parameter values: the user's to fix
+            raise RecipeError(f"{_who(plan.method)} on tensor {job.name}: {plugins.first_line(e)}") from None
         except MergerError:
             raise
-        except Exception as e:
-            raise PluginError(f"merge method {plan.method.name!r} (plugin {_owner(plan.method)!r}) failed on "
-                              f"tensor {job.name}: {type(e).__name__}: {e}") from None
+        except Exception as e:  # a bug in the method: one line naming its plugin, not a traceback
+            raise PluginError(f"{_who(plan.method)} failed on tensor {job.name}: "
+                              f"{type(e).__name__}: {plugins.first_line(e)}") from None
         check_result(plan.method, job.name, job.shape, out)
         del tensors, base
         writer.add(job.name, out.to(job.out_dtype))
@@ -72,19 +72,21 @@ def run_jobs(plan: Plan, ckpts: dict[str, Checkpoint], writer: ShardWriter, seed
             progress(k + 1, total, writer.total_bytes)
 
 
-def _owner(cls: type) -> str:
-    return getattr(cls, "_merger_plugin", "?")
+def _who(method: type) -> str:
+    return f"merge method {method.name!r} (plugin {getattr(method, '_merger_plugin', '?')!r})"
 
 
 def check_result(method: type, name: str, shape: tuple[int, ...], out: Any) -> None:
     """The safety net for plugin methods: a wrong type, shape or non-finite values name the plugin."""
-    who = f"merge method {method.name!r} (plugin {_owner(method)!r})"
+    who = _who(method)
     if not isinstance(out, torch.Tensor):
         raise PluginError(f"{who} returned {type(out).__name__} for tensor {name}, not a torch.Tensor")
     if tuple(out.shape) != tuple(shape):
         raise PluginError(f"{who} returned shape {list(out.shape)} for tensor {name}, expected {list(shape)}")
     if not out.is_floating_point():
         raise PluginError(f"{who} returned dtype {out.dtype} for tensor {name}; return a floating tensor")
+    if out.device.type != "cpu":
+        raise PluginError(f"{who} returned tensor {name} on {out.device}; return it on the CPU (.cpu())")
     if not torch.isfinite(out).all():
         raise PluginError(f"{who} produced NaN/inf in tensor {name}; check the method and its parameters")
 

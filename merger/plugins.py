@@ -83,7 +83,7 @@ def load_entry_points() -> None:
             plugin = ep.load()
         except Exception as e:  # any import failure in third-party code
             raise PluginError(
-                f"plugin {ep.name!r} ({ep.value}) failed to import: {type(e).__name__}: {_first_line(e)}; "
+                f"plugin {ep.name!r} ({ep.value}) failed to import: {type(e).__name__}: {first_line(e)}; "
                 f"fix or uninstall it, or leave it out of {ENV_ALLOW}") from None
         register_plugin(plugin, ep.name)
 
@@ -94,7 +94,7 @@ def register_plugin(plugin: Any, name: str) -> None:
     try:
         pm.register(plugin, name=name)
     except ValueError as e:  # the name or the object is registered already
-        raise PluginError(f"plugin {name!r} is already registered ({_first_line(e)})") from None
+        raise PluginError(f"plugin {name!r} is already registered ({first_line(e)})") from None
 
 
 def unregister_plugin(name: str) -> None:
@@ -158,11 +158,12 @@ def check_plugins() -> None:
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as e:
-        raise PluginError(f"plugin {plugin_name(e.plugin)!r}: {_first_line(e)}; "
+        raise PluginError(f"plugin {plugin_name(e.plugin)!r}: {first_line(e)}; "
                           f"a hookimpl name must match a merger_* hook") from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line: errors reach the user as one line."""
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
 
@@ -197,7 +198,7 @@ def collect(hook_name: str) -> dict[str, type]:
         except PluginError:
             raise
         except Exception as e:
-            raise PluginError(f"plugin {pname!r} failed in {hook_name}: {type(e).__name__}: {_first_line(e)}") from None
+            raise PluginError(f"plugin {pname!r} failed in {hook_name}: {type(e).__name__}: {first_line(e)}") from None
     return found
 
 
@@ -281,5 +282,5 @@ def load_plugin_file(path: str | Path) -> str:
         raise
     except Exception as e:
         sys.modules.pop(modname, None)
-        raise PluginError(f"plugin file {path} failed to import: {type(e).__name__}: {_first_line(e)}") from None
+        raise PluginError(f"plugin file {path} failed to import: {type(e).__name__}: {first_line(e)}") from None
     return name
