@@ -6,6 +6,7 @@ Tied embeddings (`tie_word_embeddings` and no `lm_head.weight`) expose lm_head a
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from merger.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+# Pickled trainer state that sits beside weights in many repos and is never a model.
+_NOT_WEIGHTS = re.compile(r"(training_args|optimizer|scheduler|scaler|rng_state.*|trainer_state)\.(bin|pt|pth)")
 _ST_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -55,7 +59,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
 class Checkpoint:
     """One model folder. `names` keeps the on-disk order; `get(name)` reads a single tensor."""
 
-    def __init__(self, path: str | Path, label: str | None = None):
+    def __init__(self, path: str | Path, label: str | None = None, allow_pickle: bool = False):
         self.path = Path(path)
         self.label = label or str(path)
         if not self.path.is_dir():
@@ -64,6 +68,7 @@ class Checkpoint:
         self._file_of: dict[str, str] = {}
         self._info: dict[str, dict[str, Any]] = {}
         self._handles: dict[str, Any] = {}
+        self._pickled: dict[str, torch.Tensor] = {}
         index = self.path / INDEX_NAME
         if index.is_file():
             try:
@@ -75,12 +80,16 @@ class Checkpoint:
             files, weight_map = [SINGLE_NAME], None
         else:
             found = sorted(p.name for p in self.path.glob("*.safetensors"))
-            if not found:
-                pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-                hint = (f" (found pickle weights {', '.join(pickles)}: convert them to safetensors)"
-                        if pickles else "")
+            pickles = sorted(p.name for p in self.path.iterdir() if is_pickle_weights(p.name))
+            if not found and pickles and allow_pickle:
+                files, weight_map = [], None
+                self._load_pickles(pickles)
+            elif not found:
+                hint = (f" (found pickle weights {', '.join(pickles)}: convert them to safetensors, or pass "
+                        f"--allow-pickle to load them with torch.load(weights_only=True))" if pickles else "")
                 raise CheckpointError(f"model {self.label!r}: no *.safetensors weights in {self.path}{hint}")
-            files, weight_map = found, None
+            else:
+                files, weight_map = found, None
         for fname in files:
             fpath = self.path / fname
             if not fpath.is_file():
@@ -132,6 +141,8 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor (mmap-backed where safetensors allows)."""
         real = self._resolve(name)
+        if real in self._pickled:
+            return self._pickled[real]
         fname = self._file_of[real]
         handle = self._handles.get(fname)
         if handle is None:
@@ -147,6 +158,46 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+
+    def _load_pickles(self, names: list[str]) -> None:
+        """Only with --allow-pickle: plain tensors via torch.load(weights_only=True), which refuses
+        to run code or build arbitrary objects; mmap keeps the tensors on disk until read."""
+        index = self.path / PICKLE_INDEX_NAME
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{index}: invalid index ({e}); re-save the checkpoint") from None
+        st_name = {v: k for k, v in _ST_DTYPES.items()}
+        for fname in names:
+            fpath = self.path / fname
+            try:
+                try:
+                    state = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap" not in str(e):  # legacy (non-zip) files cannot be mmapped
+                        raise
+                    state = torch.load(fpath, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"{fpath}: refused as pickle weights ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''}); only plain tensors "
+                                      f"load with --allow-pickle") from None
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise CheckpointError(f"{fpath}: not a state dict of tensors; re-save it with "
+                                      f"torch.save(model.state_dict())")
+            for name, t in state.items():
+                if t.dtype not in st_name:
+                    raise CheckpointError(f"{fpath}: tensor {name!r} has unsupported dtype {t.dtype}")
+                self._pickled[name] = t
+                self._file_of[name] = fname
+                self._info[name] = {"shape": list(t.shape), "dtype": st_name[t.dtype],
+                                    "data_offsets": [0, t.numel() * t.element_size()]}
+
+
+def is_pickle_weights(name: str) -> bool:
+    """A .bin/.pt/.pth file that holds model weights (not trainer state)."""
+    base = name.rsplit("/", 1)[-1]
+    return base.endswith((".bin", ".pt", ".pth")) and not _NOT_WEIGHTS.fullmatch(base)
 
 
 def load_config(path: Path, label: str) -> dict[str, Any]:
