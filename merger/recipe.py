@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from merger import plugins
-from merger.errors import RecipeError
+from merger.errors import PluginError, RecipeError
 from merger.io.dtypes import parse_dtype
 
 
@@ -200,9 +200,7 @@ def parse_model(cls: type[BaseModel], data: dict[str, Any], path: str | Path) ->
 def load_recipe(path: str | Path) -> BaseModel:
     """Read and validate a recipe: a MergeRecipe, or an MoE recipe when it has `experts`."""
     data, text = read_yaml(path)
-    for plugin_path in data.get("plugins") or []:
-        from merger.plugins import load_plugin_file
-        load_plugin_file(Path(path).parent / plugin_path if not Path(plugin_path).is_absolute() else Path(plugin_path))
+    load_recipe_plugins(data, path)
     if "experts" in data:
         from merger.moe.recipe import load_moe_recipe
         recipe = load_moe_recipe(data, path)
@@ -211,6 +209,22 @@ def load_recipe(path: str | Path) -> BaseModel:
         validate_merge_recipe(recipe, path)
     recipe._source_text = text  # type: ignore[attr-defined]
     return recipe
+
+
+def load_recipe_plugins(data: dict[str, Any], path: str | Path) -> None:
+    """Load the recipe's `plugins:` files before its names are checked against the registries;
+    relative paths start from the recipe's folder, so a recipe and its plugin travel together."""
+    files = data.get("plugins")
+    if files is None:
+        return
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise RecipeError(f"{path}: plugins: give a list of .py files (relative to the recipe's folder)")
+    for i, name in enumerate(files):
+        file = Path(name).expanduser()
+        try:
+            plugins.load_plugin_file(file if file.is_absolute() else Path(path).parent / file)
+        except PluginError as e:
+            raise PluginError(f"{path}: plugins[{i}]: {e}") from None
 
 
 class _Field:
