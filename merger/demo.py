@@ -11,6 +11,7 @@ from merger.execute import build_recipe
 from merger.recipe import load_recipe
 
 MODEL_NAMES = ("base", "ft-a", "ft-b", "ft-c")
+ROUTE_PROMPTS = ("def add(a, b):", "Once upon a time")  # routed through the demo MoE
 
 
 def find_recipes() -> Path:
@@ -42,4 +43,9 @@ def run_demo(root: Path, recipes: Path | None = None, echo=print) -> list[Path]:
                      progress=False)
         echo(f"built {recipe_path.name} -> {out}")
         outs.append(out)
+    moe_out = root / "out" / "moe"
+    if moe_out in outs:  # recipes/moe.yaml: show where its router sends two prompts
+        from merger.moe.route import format_report, route_report
+
+        echo(f"routing in {moe_out}:\n" + format_report(route_report(moe_out, list(ROUTE_PROMPTS))))
     return outs
