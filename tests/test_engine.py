@@ -344,3 +344,56 @@ def test_prompt_longer_than_the_context_is_refused(tmp_path):
     res = generate(model, tok, "the fox", max_new_tokens=100)
     assert res.prompt_tokens + len(res.token_ids) <= 16
     assert isinstance(ContextError("x"), MergerError)
+
+
+# --- merger generate ----------------------------------------------------------------------------
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from merger.cli import app
+
+    return CliRunner().invoke(app, ["generate", *args])
+
+
+def test_cli_generate_json_is_one_line_with_the_greedy_tokens(models):
+    res = _cli(str(models["mixtral"]), "Once upon a time", "-n", "6", "--json")
+    assert res.exit_code == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert set(out) == {"token_ids", "text", "prompt_tokens", "prefill_s", "decode_s", "decode_tokens_per_s"}
+    tok = load_tokenizer(models["mixtral"])
+    ids = tok.encode("Once upon a time")
+    expect = generate_ids(load_model(models["mixtral"]), ids, 6, eos_token_ids=tok.eos_token_ids)[0]
+    assert out["prompt_tokens"] == len(ids) and out["token_ids"] == expect
+    assert out["text"] == tok.decode(expect)
+
+
+def test_cli_generate_streams_text_and_reports_speed_on_stderr(models):
+    res = _cli(str(models["llama"]), "The fox", "-n", "5", "--chat", "--temperature", "0.8", "--seed", "4",
+               "--top-k", "20", "--top-p", "0.9", "--dtype", "bfloat16")
+    assert res.exit_code == 0, res.stderr
+    assert "tokens/s" in res.stderr and "tokens/s" not in res.stdout
+    model, tok = load_model(models["llama"], torch.bfloat16), load_tokenizer(models["llama"])
+    ref = generate(model, tok, "The fox", 5, 0.8, 20, 0.9, 4, chat=True)
+    assert res.stdout == ref.text + "\n"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["{missing}", "hi"], "does not exist"),
+    (["{llama}", "hi", "--dtype", "int8"], "--dtype: unknown dtype 'int8'"),
+    (["{llama}", "hi", "--device", "tpu"], "--device"),
+    (["{llama}", "hi", "--top-p", "0"], "top_p 0"),
+    (["{empty}", "hi"], "config.json"),
+    (["{short}", "the fox " * 20], "context is 16"),
+])
+def test_cli_generate_user_errors_are_one_line(tmp_path, models, args, needle):
+    (tmp_path / "empty").mkdir()
+    synth.make_llama(tmp_path / "short", seed=0, max_positions=16)
+    paths = {"missing": tmp_path / "missing", "llama": models["llama"], "empty": tmp_path / "empty",
+             "short": tmp_path / "short"}
+    res = _cli(*(a.format(**{k: str(v) for k, v in paths.items()}) for a in args))
+    assert res.exit_code == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
