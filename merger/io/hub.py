@@ -1,0 +1,232 @@
+"""Hugging Face Hub I/O: models referenced as `org/name[@revision]` are fetched into the HF cache,
+and `publish` uploads an output folder (with its model card) in one commit.
+
+The endpoint, cache folder and offline switch are read from the environment at call time and
+passed to huggingface_hub explicitly (the library reads them once, at import).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from merger.errors import HubError
+from merger.io.checkpoint import is_pickle_weights
+from merger.io.hf import TOKENIZER_FILES
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+_PART = r"[A-Za-z0-9](?:[\w.-]{0,94}[\w])?"
+REF_RE = re.compile(rf"(?P<repo>{_PART}/{_PART})(?:@(?P<rev>[\w][\w./-]{{0,199}}))?")
+# Weights, configs, tokenizer and chat template; README.md only for the input's license.
+FETCH_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "README.md",
+                  *(name for name in TOKENIZER_FILES if not name.endswith(".json"))]
+PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def parse_reference(reference: str) -> tuple[str, str | None] | None:
+    """'org/name@rev' -> ('org/name', 'rev'); None when it cannot be a Hub repo id."""
+    m = REF_RE.fullmatch(reference)
+    if not m or "--" in m["repo"] or ".." in m["repo"]:
+        return None
+    return m["repo"], m["rev"]
+
+
+def endpoint_of(options: dict[str, Any]) -> str:
+    return (options.get("endpoint") or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def offline_of(options: dict[str, Any]) -> bool:
+    if options.get("offline") is not None:
+        return bool(options["offline"])
+    return any((os.environ.get(k) or "").upper() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def cache_dir_of(options: dict[str, Any]) -> str:
+    if options.get("cache_dir"):
+        return str(options["cache_dir"])
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def _token(options: dict[str, Any]) -> str | bool | None:
+    # None lets huggingface_hub look in its usual places (HF_TOKEN, the cached login).
+    return options.get("token")
+
+
+def meant_as_local(reference: str, base_dir: str | None) -> bool:
+    """A reference whose first folder exists locally (`models/ft-a` with ./models present) is a
+    missing local folder, not a repo id: never send it to the network."""
+    first = reference.split("/", 1)[0]
+    return (Path(base_dir or ".") / first).is_dir()
+
+
+def resolve_hub_model(reference: str, options: dict[str, Any]) -> Path | None:
+    """Download (or find in the cache) what a merge needs from repo `org/name[@rev]`."""
+    parsed = parse_reference(reference)
+    if parsed is None or meant_as_local(reference, options.get("base_dir")):
+        return None
+    repo_id, revision = parsed
+    endpoint = endpoint_of(options)
+    allow_pickle = bool(options.get("allow_pickle"))
+    offline = offline_of(options)
+    patterns = list(FETCH_PATTERNS)
+    try:
+        if not offline:
+            patterns += _pickle_patterns(repo_id, revision, endpoint, options, allow_pickle)
+        folder = _snapshot(repo_id, revision, patterns, endpoint, offline, options)
+    except HubError:
+        raise
+    except Exception as e:  # huggingface_hub's errors are OSErrors; each one gets its own line
+        raise hub_failure(e, f"model {reference!r}", repo_id, revision, endpoint, offline) from None
+    _check_snapshot(reference, folder, allow_pickle, offline)
+    return folder
+
+
+def _pickle_patterns(repo_id: str, revision: str | None, endpoint: str, options: dict[str, Any],
+                     allow_pickle: bool) -> list[str]:
+    """Look at the repo's files first: refuse pickle-only weights before downloading anything."""
+    from huggingface_hub import HfApi
+
+    info = HfApi(endpoint=endpoint, token=_token(options)).model_info(repo_id, revision=revision)
+    files = [s.rfilename for s in info.siblings or []]
+    if any(f.endswith(".safetensors") for f in files):
+        return []
+    pickles = [f for f in files if is_pickle_weights(f)]
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    if not pickles:
+        raise HubError(f"model {where!r}: the repository has no *.safetensors weights (files: "
+                       f"{', '.join(files[:8]) or 'none'}); choose a repo or revision with safetensors")
+    if not allow_pickle:
+        raise HubError(f"model {where!r}: the repository has only pickle weights ({', '.join(pickles[:3])}); "
+                       f"pass --allow-pickle to load them with torch.load(weights_only=True), "
+                       f"or use a safetensors conversion")
+    return PICKLE_PATTERNS
+
+
+def _snapshot(repo_id: str, revision: str | None, patterns: list[str], endpoint: str, offline: bool,
+              options: dict[str, Any]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    label = f"{repo_id}@{revision}" if revision else repo_id
+    path = snapshot_download(
+        repo_id, revision=revision, cache_dir=cache_dir_of(options), endpoint=endpoint,
+        token=_token(options), local_files_only=offline, allow_patterns=patterns,
+        tqdm_class=_one_bar(label, options.get("progress")),
+    )
+    return Path(path)
+
+
+def _check_snapshot(reference: str, folder: Path, allow_pickle: bool, offline: bool) -> None:
+    # A repo where nothing matched the patterns yields a folder that does not exist.
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickles = [n for n in names if is_pickle_weights(n)]
+    if pickles and allow_pickle:
+        return
+    if offline and not pickles:
+        raise HubError(f"model {reference!r}: the cached copy has no *.safetensors weights and HF_HUB_OFFLINE "
+                       f"is set; unset it to download the model")
+    if pickles:
+        raise HubError(f"model {reference!r}: only pickle weights ({', '.join(pickles[:3])}); "
+                       f"pass --allow-pickle to load them with torch.load(weights_only=True)")
+    raise HubError(f"model {reference!r}: the repository has no *.safetensors weights; "
+                   f"choose a repo or revision with safetensors")
+
+
+def _one_bar(label: str, enabled: bool | None) -> type:
+    """A tqdm class for snapshot_download that shows a single byte counter named for the repo
+    (its per-file and file-count bars stay hidden); hidden entirely off a terminal."""
+    from tqdm.auto import tqdm
+
+    class OneBar(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            shown = str(kwargs.get("desc") or "").startswith("Reconstructing")
+            kwargs.pop("bar_format", None)
+            kwargs["desc"] = f"downloading {label}"
+            kwargs["disable"] = True if (enabled is False or not shown) else None  # None: tty only
+            kwargs.setdefault("leave", True)
+            super().__init__(*args, **kwargs)
+
+        def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
+            pass  # keep the repo's name on the line
+
+        set_description_str = set_description
+
+    return OneBar
+
+
+def hub_failure(e: Exception, what: str, repo_id: str, revision: str | None, endpoint: str,
+                offline: bool = False) -> HubError:
+    """One line per failure kind: repo or revision missing, refused credentials, no network."""
+    from huggingface_hub import errors as hfe
+
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    login = "log in with `hf auth login` or set HF_TOKEN"
+    if isinstance(e, hfe.GatedRepoError):
+        return HubError(f"{what}: {repo_id} is gated on {endpoint}; accept its terms on the repo page and {login}")
+    if isinstance(e, hfe.RevisionNotFoundError):
+        return HubError(f"{what}: revision {revision or 'main'!r} not found in {repo_id}; "
+                        f"check the branch, tag or commit after '@'")
+    if isinstance(e, hfe.RepositoryNotFoundError):
+        return HubError(f"{what}: no local folder or Hub repository {repo_id} on {endpoint}; check the "
+                        f"path or repo id (private repos need a token: {login})")
+    if isinstance(e, hfe.HfHubHTTPError) and status in (401, 403):
+        return HubError(f"{what}: {endpoint} refused the credentials (HTTP {status}) for {repo_id}; "
+                        f"{login} with a token that has write access")
+    if isinstance(e, hfe.HfHubHTTPError):
+        detail = (getattr(e, "server_message", "") or "").splitlines()
+        return HubError(f"{what}: {endpoint} answered HTTP {status} for {repo_id}"
+                        f"{': ' + detail[0] if detail else ''}; try again later")
+    cause = e.__cause__ or e.__context__
+    if isinstance(e, hfe.LocalEntryNotFoundError) and (offline or isinstance(cause, hfe.OfflineModeIsEnabled)):
+        return HubError(f"{what}: {repo_id} is not in the Hugging Face cache and offline mode is on "
+                        f"(HF_HUB_OFFLINE); unset it to download, or run once online")
+    if isinstance(e, hfe.LocalEntryNotFoundError) and isinstance(cause, hfe.HfHubHTTPError):
+        return hub_failure(cause, what, repo_id, revision, endpoint, offline)
+    if isinstance(e, (hfe.HTTPError, hfe.LocalEntryNotFoundError, ConnectionError, TimeoutError)):
+        return HubError(f"{what}: cannot reach the Hub at {endpoint} ({type(cause or e).__name__}); check "
+                        f"the network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use cached models only")
+    return HubError(f"{what}: Hub request failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+def check_repo_id(repo_id: str) -> str:
+    parsed = parse_reference(repo_id)
+    if parsed is None or parsed[1] is not None:
+        raise HubError(f"repo id {repo_id!r}: expected org/name (letters, digits, '-', '_', '.'); "
+                       f"give a branch with --revision")
+    return repo_id
+
+
+def publish_folder(folder: str | Path, repo_id: str, *, private: bool = False, revision: str = "main",
+                   commit_message: str | None = None, options: dict[str, Any] | None = None) -> str:
+    """Create `repo_id` if needed and upload `folder` in one commit, README.md model card included.
+    Nothing local is modified. Returns the commit URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from merger.card import publish_files
+
+    options = dict(options or {})
+    folder = Path(folder)
+    check_repo_id(repo_id)
+    files, overrides = publish_files(folder)
+    ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=overrides.get(rel, str(folder / rel)))
+           for rel in files]
+    endpoint = endpoint_of(options)
+    if offline_of(options):
+        raise HubError(f"publish {repo_id}: offline mode is on (HF_HUB_OFFLINE); unset it to upload")
+    api = HfApi(endpoint=endpoint, token=_token(options))
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.create_commit(repo_id, ops, revision=revision,
+                                 commit_message=commit_message or f"Upload {folder.name} (made with merger)")
+    except Exception as e:
+        raise hub_failure(e, f"publish {repo_id}", repo_id, revision, endpoint) from None
+    return str(info.commit_url)
