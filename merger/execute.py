@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from merger import plugins
+from merger.card import finish_card, scrub_recipe
 from merger.errors import CheckpointError, MergerError, PluginError, RecipeError
 from merger.io.checkpoint import Checkpoint
 from merger.io.hf import copy_tokenizer, write_config
@@ -37,8 +38,9 @@ def resolve_models(refs: list[str], options: dict[str, Any]) -> dict[str, Path]:
     return out
 
 
-def open_checkpoints(paths: dict[str, Path]) -> dict[str, Checkpoint]:
-    return {ref: Checkpoint(p, label=ref) for ref, p in paths.items()}
+def open_checkpoints(paths: dict[str, Path], options: dict[str, Any] | None = None) -> dict[str, Checkpoint]:
+    allow_pickle = bool((options or {}).get("allow_pickle"))
+    return {ref: Checkpoint(p, label=ref, allow_pickle=allow_pickle) for ref, p in paths.items()}
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -118,7 +120,7 @@ def build_merge(recipe: MergeRecipe, out_dir: str | Path, *, force: bool = False
     options = dict(options or {})
     method = plugins.methods()[recipe.merge_method]
     paths = resolve_models(recipe.model_refs(), options)
-    ckpts = open_checkpoints(paths)
+    ckpts = open_checkpoints(paths, options)
     plan = make_plan(recipe, method, ckpts, label=label)
     ref_cfg = ckpts[plan.reference].config
     with staged_output(out_dir, force=force) as tmp:
@@ -129,6 +131,7 @@ def build_merge(recipe: MergeRecipe, out_dir: str | Path, *, force: bool = False
         write_config(tmp, ref_cfg, out_dtype, num_hidden_layers=plan.num_layers)
         copy_tokenizer(paths[plan.tokenizer_ref], tmp)
         save_recipe(tmp, recipe)
+        finish_card(tmp, recipe.name or Path(out_dir).absolute().name, paths, options.get("base_dir"))
     return Path(out_dir)
 
 
@@ -145,7 +148,7 @@ def save_recipe(dst: Path, recipe: Any) -> None:
     text = getattr(recipe, "_source_text", None)
     if text is None:
         text = yaml.safe_dump(recipe.model_dump(exclude_none=True, by_alias=True), sort_keys=False)
-    (dst / RECIPE_NAME).write_text(text)
+    (dst / RECIPE_NAME).write_text(scrub_recipe(text))  # no absolute paths or tokens leave the machine
 
 
 def build_recipe(recipe: Any, out_dir: str | Path, **kwargs: Any) -> Path:
@@ -154,4 +157,13 @@ def build_recipe(recipe: Any, out_dir: str | Path, **kwargs: Any) -> Path:
         return build_merge(recipe, out_dir, **kwargs)
     from merger.moe.compose import build_moe
 
-    return build_moe(recipe, out_dir, **kwargs)
+    out = build_moe(recipe, out_dir, **kwargs)
+    # The MoE card keeps its body; its front matter gets base_model/tags/license. Inputs are
+    # re-resolved from the cache only (no network) to tell Hub ids from local folders.
+    options = {**(kwargs.get("options") or {}), "offline": True, "progress": False}
+    try:
+        paths: dict[str, Path] | None = resolve_models(recipe.model_refs(), options)
+    except MergerError:
+        paths = None
+    finish_card(out, recipe.name or Path(out).absolute().name, paths, options.get("base_dir"))
+    return out
