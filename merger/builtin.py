@@ -8,13 +8,19 @@ from typing import Any
 from merger.hookspecs import hookimpl
 from merger.methods.linear import Linear
 from merger.methods.passthrough import Passthrough
-from merger.methods.task_arithmetic import TaskArithmetic
+from merger.methods.karcher import Karcher
+from merger.methods.model_stock import ModelStock
+from merger.methods.multislerp import MultiSlerp
+from merger.methods.nearswap import NearSwap
+from merger.methods.sce import Sce
+from merger.methods.slerp import NuSlerp, Slerp
+from merger.methods.task_arithmetic import FAMILY
 from merger.moe.gates import BUILTIN_GATES
 
 
 @hookimpl
 def merger_register_methods(register) -> None:
-    for cls in (Linear, TaskArithmetic, Passthrough):
+    for cls in (Linear, *FAMILY, Slerp, NuSlerp, MultiSlerp, Karcher, ModelStock, Sce, NearSwap, Passthrough):
         register(cls)
 
 
@@ -31,3 +37,12 @@ def merger_resolve_model(reference: str, options: dict[str, Any]) -> Path | None
     if not path.is_absolute():
         path = Path(options.get("base_dir") or ".") / path
     return path if path.exists() else None
+
+
+@hookimpl(specname="merger_resolve_model", trylast=True)
+def resolve_hub_model(reference: str, options: dict[str, Any]) -> Path | None:
+    """A Hub repo id `org/name[@revision]`, downloaded into the HF cache. Tried last, after the
+    local folders and any plugin resolver; a missing local-looking path never reaches the network."""
+    from merger.io.hub import resolve_hub_model as resolve
+
+    return resolve(reference, options)
