@@ -16,6 +16,8 @@ from merger.errors import MergerError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Merge LLM checkpoints and compose them into Mixture-of-Experts models.")
 
+EndpointOpt = Annotated[Optional[str], typer.Option(
+    help="Hugging Face Hub URL (default: $HF_ENDPOINT, else https://huggingface.co).")]
 PluginOpt = Annotated[Optional[list[Path]], typer.Option(
     "--plugin", help="Load a one-off plugin module from a .py file (repeatable).")]
 
@@ -55,6 +57,12 @@ def build(
     out_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
     random_seed: Annotated[int, typer.Option(help="Seed for random methods and gates.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(
+        "--allow-pickle", help="Accept .bin/.pt weights, loaded with torch.load(weights_only=True).")] = False,
+    endpoint: EndpointOpt = None,
+    push_to: Annotated[Optional[str], typer.Option(
+        "--push-to", help="Then publish OUT_DIR to this Hub repo (org/name), like `merger publish`.")] = None,
+    private: Annotated[bool, typer.Option("--private", help="With --push-to: create the repo private.")] = False,
     plugin: PluginOpt = None,
 ) -> None:
     """Build a merge (or an MoE when the recipe has `experts`) into OUT_DIR."""
@@ -67,10 +75,42 @@ def build(
         shard = parse_size(out_shard_size)
     except ValueError as e:
         fail(f"--out-shard-size: {e}")
+    options: dict[str, Any] = {"allow_pickle": allow_pickle, "progress": False if quiet else None}
+    if endpoint:
+        options["endpoint"] = endpoint
+    if push_to is not None:
+        from merger.io.hub import check_repo_id
+        check_repo_id(push_to)  # a typo fails before the merge, not after
     loaded = load_recipe(recipe)
     out = build_recipe(loaded, out_dir, force=force, shard_bytes=shard, seed=random_seed,
-                       label=str(recipe), progress=False if quiet else None)
+                       label=str(recipe), progress=False if quiet else None, options=options)
     typer.echo(f"wrote {out}", err=True)
+    if push_to is not None:
+        from merger.io.hub import publish_folder
+        try:
+            url = publish_folder(out, push_to, private=private, options=options)
+        except MergerError as e:
+            fail(f"built {out}, but publishing failed: {e}")
+        typer.echo(f"published {out} to {url}", err=True)
+
+
+@app.command()
+@user_errors
+def publish(
+    folder: Annotated[Path, typer.Argument(help="A folder written by `merger build`.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo org/name; created if missing.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    revision: Annotated[str, typer.Option(help="Branch to commit to; created if missing.")] = "main",
+    commit_message: Annotated[Optional[str], typer.Option(help="Commit message.")] = None,
+    endpoint: EndpointOpt = None,
+) -> None:
+    """Upload FOLDER to the Hugging Face Hub in one commit, with a model card (README.md).
+    The token comes from HF_TOKEN or `hf auth login`."""
+    from merger.io.hub import publish_folder
+
+    url = publish_folder(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
+                         options={"endpoint": endpoint} if endpoint else {})
+    typer.echo(f"published {folder} to {url}", err=True)
 
 
 @app.command()
