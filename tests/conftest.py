@@ -1,12 +1,19 @@
 """Shared fixtures: tiny seeded Llama checkpoints (a base and perturbed fine-tunes) in temp dirs."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from merger import synth
+
+# No test may reach huggingface.co: Hub tests pass their loopback server's endpoint explicitly,
+# and anything else that asks the Hub fails at once on this closed local port. Set before
+# huggingface_hub is imported, since it reads HF_ENDPOINT once.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 
 @pytest.fixture(scope="session")
