@@ -1,0 +1,36 @@
+"""NearSwap (alchemonaut, https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001): take the
+other model's value where it is close to the base's, keep the base where they differ much:
+w = clamp(t / |θ_b − θ|, 0, 1) elementwise, result w·θ + (1 − w)·θ_b.
+"""
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from merger.methods.base import MergeContext, MergeMethod
+
+
+class NearSwap(MergeMethod):
+    name = "nearswap"
+    description = "Per entry, move from the base toward the other model by t / |difference| (at most all the way)"
+    reference = "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"
+    base = "required"
+    min_models = max_models = 1
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        t: float = Field(gt=0)
+
+    @classmethod
+    def check_models(cls, n: int, has_base: bool) -> None:
+        if not has_base:
+            raise ValueError("nearswap needs a base_model; name one of the two models")
+        if n != 1:
+            raise ValueError(f"nearswap merges exactly 2 models (base_model and one other), got {n + 1}")
+
+    def merge(self, tensors, base, params, model_params, ctx: MergeContext) -> torch.Tensor:
+        diff = tensors[0] - base
+        w = diff.abs()
+        # Where the models agree exactly (|diff| = 0) the weight is 1; the result is the same value.
+        w = torch.where(w == 0, 1.0, torch.clamp(params.t / w, 0.0, 1.0))
+        return diff.mul_(w).add_(base)

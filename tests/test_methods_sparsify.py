@@ -1,0 +1,138 @@
+"""Sparsification masks against numpy recomputations (stable sorts), their statistics, and the
+L1 rescale; plus the chunked reductions against float64."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from merger.methods import reduce, sparsify
+
+
+def np_top_k(values: np.ndarray, k: int) -> np.ndarray:
+    """Reference: the k largest, equal values to the lower index first (a stable sort of −v)."""
+    flat = values.reshape(-1)
+    order = np.argsort(-flat, kind="stable")
+    mask = np.zeros(flat.shape, dtype=bool)
+    mask[order[:k]] = True
+    return mask.reshape(values.shape)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 200_003])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_top_k_mask_matches_stable_sort(n, dtype):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g).to(dtype).abs()
+    ref_vals = x.double().numpy()
+    for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+        got = sparsify.top_k_mask(x, k)
+        assert got.dtype == torch.bool and int(got.sum()) == k
+        np.testing.assert_array_equal(got.numpy(), np_top_k(ref_vals, k))
+
+
+def test_top_k_mask_with_ties_in_magnitude():
+    # Many exact ties (a coarse grid) and signs mixed: the count stays exact, lower index wins ties.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-4, 5, (50, 40), generator=g).float()
+    for k in (1, 17, 500, 1111, 1999):
+        got = sparsify.top_k_mask(x.abs(), k)
+        np.testing.assert_array_equal(got.numpy(), np_top_k(x.abs().numpy(), k))
+    const = torch.full((1000,), 0.25)
+    np.testing.assert_array_equal(sparsify.top_k_mask(const, 300).numpy(), np.arange(1000) < 300)
+
+
+def test_kth_largest_key_is_exact_on_large_bands():
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randint(0, 2**20, (300_000,), generator=g, dtype=torch.int32)
+    srt = torch.sort(keys, descending=True).values
+    for k in (1, 5, 70_000, 150_000, 299_999, 300_000):
+        assert sparsify.kth_largest_key(keys, k) == int(srt[k - 1])
+
+
+@pytest.mark.parametrize("density,n,want", [(0.0, 10, 0), (1.0, 10, 10), (0.5, 10, 5), (0.05, 10, 1),
+                                            (0.29, 100, 28), (1e-9, 3, 1), (0.999, 10, 9)])
+def test_keep_count(density, n, want):
+    assert sparsify.keep_count(density, n) == want
+
+
+def test_magnitude_mask_keeps_largest_fraction():
+    g = torch.Generator().manual_seed(2)
+    d = torch.randn(64, 48, generator=g)
+    m = sparsify.magnitude_mask(d, 0.3)
+    np.testing.assert_array_equal(m.numpy(), np_top_k(d.abs().numpy(), int(0.3 * d.numel())))
+    assert sparsify.magnitude_mask(d, 1.0) is None
+    assert not sparsify.magnitude_mask(d, 0.0).any()
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.01, 0.1, 0.6])
+def test_outlier_mask_drops_top_gamma_then_bottom(gamma):
+    g = torch.Generator().manual_seed(3)
+    d = torch.randn(30, 50, generator=g)
+    n, density = d.numel(), 0.5
+    m = sparsify.outlier_mask(d, density, gamma).numpy().reshape(-1)
+    # Reference: ranks in descending |d|; keep ranks [n_top, n_top + keep).
+    keep = int(density * n)
+    n_top = min(int(gamma * n), n - keep)
+    order = np.argsort(-np.abs(d.numpy().reshape(-1)), kind="stable")
+    want = np.zeros(n, dtype=bool)
+    want[order[n_top:n_top + keep]] = True
+    np.testing.assert_array_equal(m, want)
+    assert m.sum() == keep
+
+
+def test_outlier_mask_tiny_tensor_keeps_its_largest_values():
+    # gamma·numel < 1 drops no outlier, so the top values survive (they would not if a slice [n_bot:-0] were used).
+    d = torch.tensor([0.1, -3.0, 0.5, 2.0])
+    m = sparsify.outlier_mask(d, 0.5, 0.01)
+    assert m.tolist() == [False, True, False, True]
+    # density below 1/numel still keeps one entry
+    assert int(sparsify.outlier_mask(d, 0.1, 0.01).sum()) == 1
+
+
+def test_random_mask_statistics_and_seeding():
+    d = torch.ones(200_000)
+    m1 = sparsify.random_mask(d, 0.3, torch.Generator().manual_seed(5))
+    m2 = sparsify.random_mask(d, 0.3, torch.Generator().manual_seed(5))
+    m3 = sparsify.random_mask(d, 0.3, torch.Generator().manual_seed(6))
+    assert torch.equal(m1, m2) and not torch.equal(m1, m3)
+    assert abs(m1.float().mean().item() - 0.3) < 0.005  # ~5σ for n = 2e5
+    assert sparsify.random_mask(d, 1.0, torch.Generator()) is None
+    assert not sparsify.random_mask(d, 0.0, torch.Generator()).any()
+
+
+def test_rank_sampling_probability_follows_rank():
+    # 6000 rows, each a random permutation of magnitudes 1..11: the rank of every entry is known.
+    rows, width, density, eps = 6000, 11, 0.5, 0.3
+    g = torch.Generator().manual_seed(7)
+    perm = torch.argsort(torch.rand(rows, width, generator=g), dim=1)
+    signs = torch.where(torch.rand(rows, width, generator=g) < 0.5, -1.0, 1.0)
+    d = (perm + 1).float() * signs
+    m = sparsify.rank_sampling_mask(d, density, eps, torch.Generator().manual_seed(8))
+    for r in range(width):
+        freq = m[perm == r].float().mean().item()
+        want = density - eps + 2 * eps * r / (width - 1)
+        assert abs(freq - want) < 0.03, (r, freq, want)  # σ ≈ 0.0065
+    again = sparsify.rank_sampling_mask(d, density, eps, torch.Generator().manual_seed(8))
+    assert torch.equal(m, again)
+    # A 1-D tensor is one row; a one-element row keeps with probability density.
+    one = sparsify.rank_sampling_mask(torch.ones(40_000, 1), 0.4, 0.2, torch.Generator().manual_seed(9))
+    assert abs(one.float().mean().item() - 0.4) < 0.015
+
+
+def test_l1_rescale():
+    assert sparsify.l1_rescale(10.0, 4.0) == 2.5
+    assert sparsify.l1_rescale(10.0, 0.0) == 1.0
+    assert sparsify.l1_rescale(0.0, 0.0) == 1.0
+
+
+def test_reductions_match_float64():
+    g = torch.Generator().manual_seed(10)
+    a, b = torch.randn(3_000_001, generator=g), torch.randn(3_000_001, generator=g)
+    ad, bd = a.double(), b.double()
+    assert reduce.dot(a, b) == pytest.approx(float(ad @ bd), rel=1e-6, abs=1e-2)
+    assert reduce.norm(a) == pytest.approx(float(ad.norm()), rel=1e-6)
+    assert reduce.l1_norm(a) == pytest.approx(float(ad.abs().sum()), rel=1e-6)
+    h = a.bfloat16()
+    assert reduce.l1_norm(h) == pytest.approx(float(h.double().abs().sum()), rel=1e-6)
+    assert_close(torch.tensor(reduce.dot(h, h)), h.double().square().sum().float(), rtol=1e-5, atol=0)
