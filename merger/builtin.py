@@ -32,11 +32,16 @@ def merger_register_gate_initializers(register) -> None:
 
 @hookimpl
 def merger_resolve_model(reference: str, options: dict[str, Any]) -> Path | None:
-    """A local folder: absolute, or relative to options['base_dir'] (default: current folder)."""
+    """A local folder: absolute, or relative to options['base_dir'] (default: current folder).
+    A .gguf file (or a folder holding one and no config.json) becomes a converted-once cached folder."""
     path = Path(reference).expanduser()
     if not path.is_absolute():
         path = Path(options.get("base_dir") or ".") / path
-    return path if path.exists() else None
+    if not path.exists():
+        return None
+    from merger.io.gguf_convert import resolve_gguf
+
+    return resolve_gguf(path, options) or path
 
 
 @hookimpl(specname="merger_resolve_model", trylast=True)
