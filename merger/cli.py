@@ -84,14 +84,15 @@ def build(
     loaded = load_recipe(recipe)
     out = build_recipe(loaded, out_dir, force=force, shard_bytes=shard, seed=random_seed,
                        label=str(recipe), progress=False if quiet else None, options=options)
-    typer.echo(f"wrote {out}", err=True)
-    if push_to is not None:
-        from merger.io.hub import publish_folder
-        try:
-            url = publish_folder(out, push_to, private=private, options=options)
-        except MergerError as e:
-            fail(f"built {out}, but publishing failed: {e}")
-        typer.echo(f"published {out} to {url}", err=True)
+    if push_to is None:
+        typer.echo(f"wrote {out}", err=True)
+        return
+    from merger.io.hub import publish_folder
+    try:
+        url = publish_folder(out, push_to, private=private, options=options)
+    except MergerError as e:
+        fail(f"built {out}, but publishing failed: {e}")
+    typer.echo(f"wrote {out} and published it to {url}", err=True)
 
 
 @app.command()
@@ -123,6 +124,33 @@ def validate(recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")], plugi
     loaded = load_recipe(recipe)
     kind = getattr(loaded, "merge_method", None) or f"moe ({getattr(loaded, 'gate_mode', '?')})"
     typer.echo(f"{recipe}: ok ({kind})")
+
+
+@app.command()
+@user_errors
+def convert(
+    gguf_file: Annotated[Path, typer.Argument(help="A .gguf model file (Llama/Mistral; F32, F16, BF16 or quantized).")],
+    out_dir: Annotated[Path, typer.Argument(help="Output Hugging Face folder; appears only when complete.")],
+    dtype: Annotated[str, typer.Option(help="Dequantize to float32 (exact), bfloat16 or float16.")] = "float32",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,
+    no_tokenizer: Annotated[bool, typer.Option(
+        "--no-tokenizer", help="Weights and config only (for tokenizers this converter cannot rebuild).")] = False,
+    out_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Convert a GGUF file (llama.cpp) into a standard Hugging Face folder (needs merger[gguf])."""
+    from merger.execute import Progress
+    from merger.io.dtypes import parse_dtype
+    from merger.io.gguf_convert import convert_gguf
+    from merger.io.writer import parse_size
+
+    try:
+        torch_dtype, shard = parse_dtype(dtype), parse_size(out_shard_size)
+    except ValueError as e:
+        fail(f"--dtype/--out-shard-size: {e}")
+    out = convert_gguf(gguf_file, out_dir, dtype=torch_dtype, force=force, tokenizer=not no_tokenizer,
+                       shard_bytes=shard, progress=Progress("converting", False if quiet else None))
+    typer.echo(f"wrote {out}", err=True)
 
 
 @app.command()
