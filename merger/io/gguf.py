@@ -102,8 +102,11 @@ class GGUFFile:
         try:
             self._file = open(self.path, "rb")
             self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: no such file; check the path") from None
         except (OSError, ValueError) as e:  # ValueError: mmap of an empty file
-            raise CheckpointError(f"{self.path}: cannot read ({e}); check the path") from None
+            reason = getattr(e, "strerror", None) or e
+            raise CheckpointError(f"{self.path}: cannot read ({reason}); check the file") from None
         self.metadata: dict[str, Any] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._parse()
