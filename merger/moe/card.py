@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from merger.card import scrub
 from merger.moe.layout import ARCH_NAMES
 from merger.moe.recipe import Expert, MoERecipe
 
@@ -56,4 +57,5 @@ def model_card(recipe: MoERecipe, recipe_text: str | None, seed: int) -> str:
 
 def write_model_card(dst: Path, recipe: MoERecipe, seed: int) -> None:
     text = getattr(recipe, "_source_text", None)
-    (dst / "README.md").write_text(model_card(recipe, text, seed))
+    # local absolute paths become their last component, tokens vanish: cards get published
+    (dst / "README.md").write_text(scrub(model_card(recipe, text, seed), recipe.model_refs() + recipe.plugins))

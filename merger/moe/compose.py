@@ -183,6 +183,7 @@ def plan_tensors(recipe: MoERecipe, ckpts: dict[str, Checkpoint], shapes: Shapes
 
     out = [copy(n) for n in pre]
     n_exp = len(recipe.experts)
+    read_before: set[tuple[Path, str]] = set()
     for i in range(shapes.num_layers):
         out += [copy(n) for n in layer_names.get(i, [])]
         if arch == "qwen2_moe":
@@ -192,12 +193,20 @@ def plan_tensors(recipe: MoERecipe, ckpts: dict[str, Checkpoint], shapes: Shapes
         if recipe.shared:
             members += [(shared_name(i, proj), recipe.shared, proj) for proj in PROJS]
         for out_name, e, proj in members:
-            out.append(Source(out_name, functools.partial(expert_tensor, ckpts[e.source_model], mlp_name(i, proj),
-                                                          e, out_name, seed)))
+            read = functools.partial(expert_tensor, ckpts[e.source_model], mlp_name(i, proj), e, out_name, seed)
+            key = (ckpts[e.source_model].path.resolve(), mlp_name(i, proj))
+            if key in read_before:  # safetensors hands back the same storage twice; a shard cannot hold aliases
+                read = functools.partial(_cloned, read)
+            read_before.add(key)
+            out.append(Source(out_name, read))
         if recipe.shared:
             out.append(Source(shared_gate_name(i), functools.partial(lambda i: gates[i, n_exp:].to(gate_dtype), i)))
     out += [copy(n) for n in post]
     return out
+
+
+def _cloned(read: Callable[[], torch.Tensor]) -> torch.Tensor:
+    return read().clone()
 
 
 def _zero_qkv_biases(base: Checkpoint, layer: int, dtype: torch.dtype) -> list[Source]:
