@@ -119,15 +119,15 @@ def validate_plugin(plugin: Any, name: str) -> None:
     specs = {h: getattr(pm.hook, h) for h in dir(pm.hook) if h.startswith("merger_")}
     specs = {h: c for h, c in specs.items() if c.has_spec()}
     for attr in dir(plugin):
-        if not attr.startswith("merger_"):
-            continue
-        fn = getattr(plugin, attr)
+        fn = getattr(plugin, attr, None)
         if not inspect.isroutine(fn):
             continue
         opts = pm.parse_hookimpl_opts(plugin, attr)
         if opts is None:
-            raise PluginError(f"plugin {name!r}: {attr} is not marked as a hook implementation; "
-                              f"decorate it with @merger.hookimpl")
+            if attr.startswith("merger_"):
+                raise PluginError(f"plugin {name!r}: {attr} is not marked as a hook implementation; "
+                                  f"decorate it with @merger.hookimpl")
+            continue
         hook = opts.get("specname") or attr
         if hook not in specs:
             if opts.get("optionalhook"):
@@ -178,7 +178,7 @@ def collect(hook_name: str) -> dict[str, type]:
     found: dict[str, type] = {}
     owner: dict[str, str] = {}
     hook = getattr(pm.hook, hook_name)
-    for impl in reversed(hook.get_hookimpls()):  # registration order
+    for impl in hook.get_hookimpls():  # registration order (pluggy calls hooks in reverse)
         pname = impl.plugin_name
 
         def register(cls: type, _pname: str = pname) -> None:
@@ -213,7 +213,7 @@ def gate_initializers() -> dict[str, type]:
 
 
 def hook_names(plugin: Any) -> list[str]:
-    return sorted(impl.name for impl in (pm.get_hookcallers(plugin) or []))
+    return sorted({caller.name for caller in (pm.get_hookcallers(plugin) or [])})
 
 
 def distribution_of(name: str) -> tuple[str, str]:
