@@ -51,7 +51,8 @@ class MultiSlerp(MergeMethod):
         for i, w in enumerate(weights):
             v = vec(i)
             norms.append(norm(v))
-            mean.add_(v, alpha=w / (norms[i] + eps))
+            # Unit vector first, then weight (no fused multiply-add): antipodal inputs cancel exactly.
+            mean.add_(torch.div(v, norms[i] + eps).mul_(w))
             del v
         mean_norm = norm(mean)
         if mean_norm < eps:
