@@ -80,7 +80,7 @@ class HubState:
     """Everything the server knows; tests inspect and configure it directly."""
 
     def __init__(self, upload_mode: str = "regular", token: str | None = None):
-        self.upload_mode = upload_mode      # preupload answer for every file: "regular" or "lfs"
+        self.upload_mode = upload_mode      # "regular": every file base64; "lfs": weights and big files by LFS
         self.token = token                  # when set, writes need `Authorization: Bearer <token>`
         self.repos: dict[str, Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}
@@ -174,7 +174,8 @@ class Handler(BaseHTTPRequestHandler):
         with state.lock:
             if repo_id in state.repos:
                 return self._json({"error": "You already created this model repo", "url": url}, 409)
-            repo = Repo(private=bool(body.get("private")))
+            # huggingface_hub 2.x sends `visibility`; older clients sent `private`
+            repo = Repo(private=body.get("visibility") == "private" or bool(body.get("private")))
             repo.refs["main"] = repo.commit(None, {}, "initial commit")
             state.repos[repo_id] = repo
         self._json({"url": url, "name": repo_id})
@@ -197,8 +198,13 @@ class Handler(BaseHTTPRequestHandler):
         self._need_write()
         self._repo(repo)
         files = json.loads(self._body())["files"]
-        mode = self.server.state.upload_mode
-        self._json({"files": [{"path": f["path"], "uploadMode": mode, "shouldIgnore": False, "oid": None}
+        lfs = self.server.state.upload_mode == "lfs"
+
+        def mode(f: dict) -> str:  # like the Hub: weights and large files go through LFS
+            big = f["path"].endswith((".safetensors", ".bin", ".pt")) or f["size"] >= 10_000
+            return "lfs" if lfs and big else "regular"
+
+        self._json({"files": [{"path": f["path"], "uploadMode": mode(f), "shouldIgnore": False, "oid": None}
                               for f in files]})
 
     def lfs_batch(self, query, repo: str) -> None:

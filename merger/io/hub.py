@@ -177,7 +177,7 @@ def hub_failure(e: Exception, what: str, repo_id: str, revision: str | None, end
         return HubError(f"{what}: no local folder or Hub repository {repo_id} on {endpoint}; check the "
                         f"path or repo id (private repos need a token: {login})")
     if isinstance(e, hfe.HfHubHTTPError) and status in (401, 403):
-        return HubError(f"{what}: {endpoint} refused the credentials (HTTP {status}) for {repo_id}; "
+        return HubError(f"{what}: {endpoint} refused the credentials (HTTP {status}); "
                         f"{login} with a token that has write access")
     if isinstance(e, hfe.HfHubHTTPError):
         detail = (getattr(e, "server_message", "") or "").splitlines()
@@ -222,7 +222,8 @@ def publish_folder(folder: str | Path, repo_id: str, *, private: bool = False, r
         raise HubError(f"publish {repo_id}: offline mode is on (HF_HUB_OFFLINE); unset it to upload")
     api = HfApi(endpoint=endpoint, token=_token(options))
     try:
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        # private=None: the namespace's default; an existing repo keeps its visibility either way
+        repo_id = api.create_repo(repo_id, private=private or None, exist_ok=True).repo_id
         if revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.create_commit(repo_id, ops, revision=revision,
