@@ -45,7 +45,7 @@ class MoERecipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     base_model: str
-    experts: list[Expert] = Field(min_length=1)
+    experts: list[Expert]
     gate_mode: str = "hidden"
     gate_parameters: dict[str, Any] = Field(default_factory=dict)
     experts_per_token: int = 2
@@ -63,6 +63,13 @@ class MoERecipe(BaseModel):
     def _dtype(cls, v: str | None) -> str | None:
         if v is not None:
             parse_dtype(v)
+        return v
+
+    @field_validator("experts")
+    @classmethod
+    def _some_experts(cls, v: list[Expert]) -> list[Expert]:
+        if not v:
+            raise ValueError("no experts; list at least one (source_model, positive_prompts)")
         return v
 
     # --- helpers used by the composer and the CLI ----------------------------------------
