@@ -1,0 +1,195 @@
+"""transformers vs merger's engine, in one process, on the same synthetic checkpoints: a dense Llama and
+a Mixtral-layout MoE made of it (each expert = the dense MLP plus seeded noise), bf16 and fp32, batch 1.
+
+Prints prefill and decode tokens/s of both, the ratios, end-to-end time, and the memory-bandwidth floor
+of decode (bytes of weights one token reads / a read bandwidth measured here).
+    python3 bench/generate.py                    # hidden 2048, 6 layers, 4 experts top-2
+    python3 bench/generate.py --hidden 1024 --layers 4 --models dense --dtypes bfloat16
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from merger import synth
+from merger.engine.generate import generate_ids
+from merger.engine.model import load_model
+from merger.io.dtypes import parse_dtype
+from merger.io.hf import write_config
+from merger.io.writer import ShardWriter
+
+
+def make_models(root: Path, a: argparse.Namespace) -> dict[str, Path]:
+    """Write (or reuse) the dense and MoE checkpoints in bf16, generated layer by layer."""
+    cfg = synth.llama_config(hidden=a.hidden, layers=a.layers, heads=a.hidden // 128, kv_heads=a.hidden // 512,
+                             intermediate=a.intermediate, vocab=a.vocab, max_positions=4096)
+    moe_cfg = {**cfg, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+               "num_local_experts": a.experts, "num_experts_per_tok": a.top_k, "sliding_window": None}
+    paths = {"dense": root / "dense", "moe": root / "moe"}
+    stamp = json.dumps([cfg, moe_cfg], sort_keys=True)
+    if all((p / "bench.json").is_file() and (p / "bench.json").read_text() == stamp for p in paths.values()):
+        return paths
+    g = torch.Generator().manual_seed(0)
+
+    def lin(o: int, i: int) -> torch.Tensor:
+        return (torch.randn(o, i, generator=g) / i ** 0.5).bfloat16()
+
+    d, f, v = a.hidden, a.intermediate, a.vocab
+    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+    for p in paths.values():
+        p.mkdir(parents=True, exist_ok=True)
+    writers = {k: ShardWriter(p, 2 * 10**9) for k, p in paths.items()}
+    both = list(writers.values())
+    for w in both:
+        w.add("model.embed_tokens.weight", torch.randn(v, d, generator=g).bfloat16())
+    for i in range(a.layers):
+        p = f"model.layers.{i}."
+        shared = {"input_layernorm.weight": torch.ones(d).bfloat16(), "self_attn.q_proj.weight": lin(d, d),
+                  "self_attn.k_proj.weight": lin(kv, d), "self_attn.v_proj.weight": lin(kv, d),
+                  "self_attn.o_proj.weight": lin(d, d), "post_attention_layernorm.weight": torch.ones(d).bfloat16()}
+        for name, t in shared.items():
+            for w in both:
+                w.add(p + name, t)
+        mlp = {"gate_proj": lin(f, d), "up_proj": lin(f, d), "down_proj": lin(d, f)}
+        for name, t in mlp.items():
+            writers["dense"].add(f"{p}mlp.{name}.weight", t)
+        writers["moe"].add(p + "block_sparse_moe.gate.weight", lin(a.experts, d))
+        for j in range(a.experts):
+            for ours, theirs in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj")):
+                t = mlp[theirs]
+                noisy = (t.float() + 0.1 * t.float().std() * torch.randn(t.shape, generator=g)).bfloat16()
+                writers["moe"].add(f"{p}block_sparse_moe.experts.{j}.{ours}.weight", noisy)
+    norm, head = torch.ones(d).bfloat16(), lin(v, d)
+    for w in both:
+        w.add("model.norm.weight", norm)
+        w.add("lm_head.weight", head)
+    for (k, p), c in zip(paths.items(), (cfg, moe_cfg)):
+        writers[k].finish()
+        write_config(p, c, torch.bfloat16)
+        synth.write_tokenizer(p, 512)
+        (p / "bench.json").write_text(stamp)
+    return paths
+
+
+def read_bandwidth() -> float:
+    """Bytes/s of a streaming read (sum over 1 GiB), best of 5: the roof decode can reach."""
+    buf = torch.ones(2**28, dtype=torch.float32)
+    buf.sum()
+    best = min(_timed(buf.sum) for _ in range(5))
+    del buf
+    return 2**30 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def decode_bytes(model) -> int:
+    """Weight bytes one decode token reads: every layer weight, routed experts only for top_k of E."""
+    total = model.output.numel() * model.output.element_size() + model.norm.weight.nbytes
+    for layer in model.layers:
+        for name, p in layer.named_parameters():
+            frac = 1.0
+            if name.startswith("ffn.w13") or name.startswith("ffn.w2"):
+                frac = model.config.top_k / model.config.num_experts if p.dim() == 3 else 1.0
+            total += int(p.nbytes * frac)
+    return total
+
+
+def bench_ours(path: Path, dtype: torch.dtype, prompt: list[int], new: int) -> dict[str, float]:
+    model = load_model(path, dtype)
+    generate_ids(model, prompt[:8], 3)  # warm-up: first-call allocations, oneDNN primitive caches
+    t = time.perf_counter()
+    ids, prefill_s, decode_s = generate_ids(model, prompt, new)
+    total = time.perf_counter() - t
+    res = {"prefill_tps": len(prompt) / prefill_s, "decode_tps": (len(ids) - 1) / decode_s, "total_s": total,
+           "bytes": decode_bytes(model), "ids": ids}
+    del model
+    gc.collect()
+    return res
+
+
+def bench_hf(path: Path, dtype: torch.dtype, prompt: list[int], new: int, experts_impl: str | None) -> dict[str, float]:
+    import transformers
+
+    kw = {"experts_implementation": experts_impl} if experts_impl else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).eval()
+    model.generation_config.eos_token_id = None  # both engines run the full length
+    x = torch.tensor([prompt])
+    gen = lambda ids, n: model.generate(ids, do_sample=False, max_new_tokens=n, pad_token_id=0)  # noqa: E731
+    with torch.inference_mode():
+        gen(x[:, :8], 3)
+        prefill_s = _timed(lambda: gen(x, 1))  # prompt forward + first token
+        t = time.perf_counter()
+        out = gen(x, new)
+        total = time.perf_counter() - t
+    ids = out[0, len(prompt):].tolist()
+    res = {"prefill_tps": len(prompt) / prefill_s, "decode_tps": (new - 1) / max(total - prefill_s, 1e-9),
+           "total_s": total, "ids": ids}
+    del model
+    gc.collect()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--models", default="dense,moe")
+    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--hf-experts", default=None, help="transformers experts_implementation (default: its own)")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "merger-bench")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; building checkpoints in {a.workdir}")
+    paths = make_models(a.workdir, a)
+    bw = read_bandwidth()
+    print(f"measured read bandwidth: {bw / 1e9:.1f} GB/s")
+    prompt = torch.randint(3, 512, (a.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    rows = []
+    for kind in a.models.split(","):
+        for dname in a.dtypes.split(","):
+            dtype = parse_dtype(dname)
+            ours = bench_ours(paths[kind], dtype, prompt, a.new_tokens)
+            hf = None if a.skip_hf else bench_hf(paths[kind], dtype, prompt, a.new_tokens, a.hf_experts)
+            floor_tps = bw / ours["bytes"]
+            same = "-" if hf is None else sum(x == y for x, y in zip(ours["ids"], hf["ids"]))
+            rows.append((kind, dname, ours, hf, floor_tps, same))
+            _print_row(*rows[-1], a.new_tokens)
+
+
+def _print_row(kind: str, dname: str, ours: dict, hf: dict | None, floor_tps: float, same, n: int) -> None:
+    def ratio(key: str, inverse: bool = False) -> str:
+        if hf is None:
+            return "-"
+        return f"{(hf[key] / ours[key]) if inverse else (ours[key] / hf[key]):.2f}x"
+
+    hf_v = (lambda k: f"{hf[k]:.1f}") if hf else (lambda k: "-")
+    print(f"\n[{kind} {dname}] decode reads {ours['bytes'] / 1e9:.2f} GB/token; floor {floor_tps:.1f} tok/s")
+    print(f"  prefill tok/s  ours {ours['prefill_tps']:8.1f}  transformers {hf_v('prefill_tps'):>8}  "
+          f"ratio {ratio('prefill_tps')}")
+    print(f"  decode  tok/s  ours {ours['decode_tps']:8.2f}  transformers {hf_v('decode_tps'):>8}  "
+          f"ratio {ratio('decode_tps')}  ({100 * ours['decode_tps'] / floor_tps:.0f}% of the bandwidth floor)")
+    print(f"  end-to-end s   ours {ours['total_s']:8.2f}  transformers {hf_v('total_s'):>8}  "
+          f"ratio {ratio('total_s', inverse=True)}  (greedy tokens equal: {same}/{n})")
+
+
+if __name__ == "__main__":
+    main()
