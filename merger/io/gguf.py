@@ -11,8 +11,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import numpy as np
 import torch
+
+try:  # numpy comes with the gguf extra; without it require_gguf() explains what to install
+    import numpy as np
+except ImportError:  # pragma: no cover - torch does not need numpy
+    np = None  # type: ignore[assignment]
 
 from merger.errors import CheckpointError, MergerError
 
@@ -20,8 +24,8 @@ GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 # GGUF value types (the spec's numbering): scalar struct formats; 8 is STRING, 9 is ARRAY.
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_NP_SCALARS = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
-               7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_NP_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
+               12: "<f8"}
 _STRING, _ARRAY = 8, 9
 # ggml types read without the dequantizer: plain floats.
 _F32, _F16, _BF16 = 0, 1, 30
@@ -81,7 +85,7 @@ class _Cursor:
         if vtype == _ARRAY:
             itype, count = self.take("I"), self.take("Q")
             if itype in _NP_SCALARS:  # numeric arrays (token types, scores) in one numpy read
-                dt = np.dtype(_NP_SCALARS[itype]).newbyteorder("<")
+                dt = np.dtype(_NP_SCALARS[itype])
                 end = self.pos + count * dt.itemsize
                 if end > len(self.buf):
                     raise CheckpointError(f"{self.path}: GGUF header is truncated; re-download the file")

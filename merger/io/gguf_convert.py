@@ -16,7 +16,6 @@ import torch
 
 from merger.errors import CheckpointError, OutputError
 from merger.io.dtypes import dtype_name, parse_dtype
-from merger.io.gguf import GGUFFile
 from merger.io.gguf_tokenizer import check_tokenizer, special_token_ids, write_tokenizer_files
 from merger.io.hf import write_config
 from merger.io.writer import DEFAULT_SHARD_BYTES, ShardWriter, staged_output
@@ -118,6 +117,8 @@ def convert_gguf(src: str | Path, out_dir: str | Path, *, dtype: torch.dtype = t
                  progress: Callable[[int, int, int], None] | None = None) -> Path:
     """Write a Hugging Face folder for the GGUF file `src` into `out_dir` (which appears only when
     complete). Tensors are dequantized to `dtype` one at a time and streamed to shards."""
+    from merger.io.gguf import GGUFFile  # needs the gguf extra; imported only when a GGUF is read
+
     src = Path(src)
     with GGUFFile(src) as f:
         md = f.metadata
