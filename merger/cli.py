@@ -250,6 +250,32 @@ def methods(markdown: Annotated[bool, typer.Option("--markdown", help="Print a M
     print_table(table)
 
 
+def gate_rows() -> list[dict[str, str]]:
+    return [{"name": name, "prompts": "required" if cls.needs_prompts else "no",
+             "parameters": ", ".join(_fields(cls.Params, "")), "description": cls.description,
+             "plugin": getattr(cls, "_merger_plugin", "?")}
+            for name, cls in sorted(plugins.gate_initializers().items())]
+
+
+@app.command()
+@user_errors
+def gates(markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,
+          plugin: PluginOpt = None) -> None:
+    """List registered MoE gate initializers (recipe `gate_mode`)."""
+    _load_plugin_files(plugin)
+    rows = gate_rows()
+    cols = ["name", "prompts", "parameters", "description"]
+    if markdown:
+        typer.echo(markdown_table(rows, cols))
+        return
+    from rich.table import Table
+
+    table = Table(*cols, "plugin")
+    for r in rows:
+        table.add_row(*(r[c] for c in cols), r["plugin"])
+    print_table(table)
+
+
 @app.command("plugins")
 @user_errors
 def plugins_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
