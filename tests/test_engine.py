@@ -397,3 +397,11 @@ def test_cli_generate_user_errors_are_one_line(tmp_path, models, args, needle):
     assert res.exit_code == 1
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
+
+
+def test_rope_table_regrows_for_longer_inputs(models):
+    model = load_model(models["tied_sharded_llama3"])
+    expect = model(PROMPT)
+    model.init_rope(model.device, 8)  # shorter than the prompt: forward must extend it
+    assert_close(model(PROMPT), expect, atol=0, rtol=0)
+    assert model.rope[0].shape[0] >= PROMPT.shape[1]

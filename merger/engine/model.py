@@ -70,11 +70,12 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embed.device
 
-    def init_rope(self, device: torch.device) -> None:
-        """cos/sin tables [max_positions, Dh] in float32 (a plain attribute: not part of the state dict)."""
-        cfg = self.config
-        pos = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
-        freqs = torch.outer(pos, rope_inv_freq(cfg))           # [P, Dh/2]
+    def init_rope(self, device: torch.device, length: int = 4096) -> None:
+        """cos/sin tables [P, Dh] in float32 (a plain attribute, not state); regrown on demand so a
+        128k-context config does not cost 128k rows up front."""
+        length = min(max(length, 1), self.config.max_position_embeddings)
+        pos = torch.arange(length, dtype=torch.float32)
+        freqs = torch.outer(pos, rope_inv_freq(self.config))   # [P, Dh/2]
         emb = torch.cat([freqs, freqs], dim=-1).to(device)      # [P, Dh]: rotate-half layout
         self.rope = (emb.cos(), emb.sin())
 
@@ -107,6 +108,8 @@ class Transformer(nn.Module):
         if start + n > self.config.max_position_embeddings:
             raise ContextError(f"{start + n} tokens exceed the model's context "
                                f"(max_position_embeddings {self.config.max_position_embeddings} in config.json)")
+        if self.rope is None or self.rope[0].shape[0] < start + n:
+            self.init_rope(self.device, 2 * (start + n))
         cos, sin = (t[start:start + n] for t in self.rope)           # [T, Dh]
         masks = _masks(self.config.sliding_windows, start, n, input_ids.device)
         x = F.embedding(input_ids, self.embed)                        # [B, T, D]
