@@ -341,3 +341,11 @@ def test_similar_prompts_warn_about_indistinct_rows(tmp_path, tiny_models, capfd
     build(tmp_path, moe(m["base"], expert(m["ft_a"], ["x = 1"]), expert(m["ft_b"], ["y = 1"]), k=1))
     err = capfd.readouterr().err
     assert "experts[0] and experts[1] get near-identical router rows in layer(s) 0" in err
+
+
+def test_readme_gate_table_matches_registry():
+    from merger.cli import gate_rows, markdown_table
+
+    rows = [r for r in gate_rows() if r["plugin"] == "merger.builtin"]
+    table = markdown_table(rows, ["name", "prompts", "parameters", "description"])
+    assert table in (Path(__file__).parent.parent / "README.md").read_text()
