@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,6 +67,7 @@ class ShardWriter:
             return
         tmp = self.out_dir / f"shard-{len(self._shards):05d}.tmp"
         save_file(self._buffer, str(tmp), metadata=self.metadata)
+        sort_header_metadata(tmp)
         self._shards.append((tmp, list(self._buffer)))
         self._buffer = {}
         self._buffer_bytes = 0
@@ -87,6 +89,26 @@ class ShardWriter:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return names
+
+
+def sort_header_metadata(path: Path) -> None:
+    """safetensors serialises `__metadata__` from a hash map, in a different key order on every
+    call; sort it in place (same length) so that identical merges give byte-identical files."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        meta = json.loads(raw).get("__metadata__")
+        if not meta or len(meta) < 2:
+            return
+
+        def encode(m: dict) -> bytes:
+            return b'"__metadata__":' + json.dumps(m, separators=(",", ":"), ensure_ascii=False).encode()
+
+        old, new = encode(meta), encode(dict(sorted(meta.items())))
+        at = raw.find(old)
+        if at >= 0 and len(old) == len(new):
+            f.seek(8 + at)
+            f.write(new)
 
 
 def _umask() -> int:
