@@ -202,3 +202,9 @@ class Crashes(GateInitializer):
 def test_misbehaving_gate_plugin(cls, needles, tmp_path, tiny_models):
     with plugins.registered(Registers(cls), "test-gates"):
         assert_one_line_error(*run_build(tmp_path, recipe(tiny_models, gate_mode=cls.name)), *needles)
+
+
+def test_prompt_longer_than_the_context(tmp_path, tiny_models):
+    long = "x = 1\n" * 400  # ~800 tokens; the tiny models hold 512 positions
+    r = recipe(tiny_models, experts=two_experts(tiny_models, {"positive_prompts": CODE}, {"positive_prompts": [long]}))
+    assert_one_line_error(*run_build(tmp_path, r), "prompt 'x = 1\\nx = 1", "max_position_embeddings")

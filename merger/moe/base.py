@@ -11,6 +11,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from merger.errors import MergerError, RecipeError
+
 
 @dataclass(frozen=True)
 class ExpertPrompts:
@@ -66,15 +68,22 @@ class GateContext:
         if self._model is None:
             from merger.engine.model import load_model
 
-            # float32 whatever the checkpoint's dtype: gate rows are directions, and bf16 rounding of
-            # near-identical prompts' states would decide them
-            self._model = load_model(self.base_path, dtype=torch.float32)
+            # the base's own dtype, as the MoE will run: a float32 copy of a 7B model would need
+            # twice the memory, and the engine hands back float32 states either way
+            self._model = load_model(self.base_path)
         ids = torch.tensor([self.tokenize(prompt)], dtype=torch.long)
-        return self._model.layer_states(ids)
+        try:
+            return self._model.layer_states(ids)
+        except MergerError as e:  # e.g. a prompt longer than the context: say which prompt
+            raise RecipeError(f"prompt {_short(prompt)}: {e}") from None
 
     def release(self) -> None:
         """Drop the base model before the output is written (it can be as large as one expert)."""
         self._model = None
+
+
+def _short(text: str, n: int = 40) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
 
 
 class GateInitializer:

@@ -37,8 +37,9 @@ def build_moe(recipe: MoERecipe, out_dir: str | Path, *, force: bool = False,
               shard_bytes: int = DEFAULT_SHARD_BYTES, seed: int = 0, options: dict[str, Any] | None = None,
               label: str = "recipe", progress: bool | None = None) -> Path:
     """Compose an MoE recipe into `out_dir` (atomic). Returns the output folder."""
-    paths = resolve_models(recipe.model_refs(), dict(options or {}))
-    ckpts = open_checkpoints(paths)
+    options = dict(options or {})
+    paths = resolve_models(recipe.model_refs(), options)
+    ckpts = open_checkpoints(paths, options)
     shapes = check_inputs(recipe, ckpts, label)
     warn_identical_experts(recipe, paths)
     base = ckpts[recipe.base_model]
