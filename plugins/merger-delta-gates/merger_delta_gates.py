@@ -25,7 +25,7 @@ class ExpertDelta(merger.GateInitializer):
         mode: Literal["svd", "mean"] = "svd"
         # the dense MLP weight to compare, per layer (Llama/Mistral naming by default)
         tensor: str = "model.layers.{layer}.mlp.gate_proj.weight"
-        iterations: int = Field(200, ge=1)  # power-iteration budget before the exact SVD fallback
+        iterations: int = Field(300, ge=1)  # power-iteration budget before the exact SVD fallback
 
     def init_gates(self, ctx: GateContext) -> torch.Tensor:
         p = ctx.params
@@ -45,14 +45,14 @@ def mean_direction(delta: torch.Tensor) -> torch.Tensor:
     return m / m.norm().clamp(min=EPS)
 
 
-def top_direction(delta: torch.Tensor, iterations: int, tol: float = 1e-6) -> torch.Tensor:
+def top_direction(delta: torch.Tensor, iterations: int, tol: float = 1e-10) -> torch.Tensor:
     """Top right singular vector of Δ, signed by 1ᵀΔv ≥ 0. Power iteration on ΔᵀΔ started from the
     mean direction (two mat-vecs a step instead of an O(F·D²) SVD per layer and expert, and the
-    start fixes the sign); a flat spectrum that does not converge falls back to the exact SVD."""
-    scale = delta.abs().max()
-    if scale <= EPS:
+    start fixes the sign), in float64 so a tight tolerance means an accurate vector; a spectrum
+    too flat to converge within `iterations` falls back to the exact SVD."""
+    if not delta.any():
         return torch.zeros(delta.shape[1])
-    d = delta / scale  # a unit-scale copy: tol means the same for any weight magnitude
+    d = delta.double()  # iterates are unit vectors, so tol is independent of the weights' scale
     v = mean_direction(d)
     if v.norm() == 0:  # rows cancel exactly: start from the largest row instead
         v = d[d.norm(dim=1).argmax()] / d.norm(dim=1).max()
@@ -60,11 +60,10 @@ def top_direction(delta: torch.Tensor, iterations: int, tol: float = 1e-6) -> to
         w = d.T @ (d @ v)
         w = w / w.norm().clamp(min=EPS)
         if (w - v).norm() < tol:
-            return w
+            return w.float()
         v = w
-    vh = torch.linalg.svd(d.double(), full_matrices=False).Vh[0]
-    sign = 1.0 if float(d.sum(dim=0).double() @ vh) >= 0 else -1.0
-    return (sign * vh).float()
+    vh = torch.linalg.svd(d, full_matrices=False).Vh[0]
+    return (vh if float(d.sum(dim=0) @ vh) >= 0 else -vh).float()
 
 
 @merger.hookimpl

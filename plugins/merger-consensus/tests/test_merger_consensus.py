@@ -101,5 +101,6 @@ def test_k_above_model_count_is_one_line_error(consensus_plugin, tmp_path):
     (tmp_path / "r.yaml").write_text(
         f"merge_method: consensus\nbase_model: {tmp_path / 'base'}\nparameters: {{k: 3}}\n"
         f"models: [{{model: {tmp_path / 'a'}}}, {{model: {tmp_path / 'b'}}}]\n")
-    with pytest.raises(MergerError, match=r"consensus .*k=3 but only 2 models.*lower k"):
+    with pytest.raises(MergerError, match=r"merge method 'consensus' \(plugin 'consensus'\) on tensor "
+                                          r"model\.embed_tokens\.weight: k=3 but only 2 models.*lower k"):
         merger.build(tmp_path / "r.yaml", tmp_path / "out", progress=False)

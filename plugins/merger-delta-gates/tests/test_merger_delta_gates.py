@@ -60,7 +60,7 @@ def low_rank_experts(g: torch.Generator, layers: int, experts: int, f: int, d: i
 
 @pytest.mark.parametrize("mode", ["svd", "mean"])
 @pytest.mark.parametrize("noise", [0.01, 10.0])
-@pytest.mark.parametrize("iterations", [1, 200])  # 1: never converges, so the exact SVD answers
+@pytest.mark.parametrize("iterations", [1, 300])  # 1: never converges, so the exact SVD answers
 def test_rows_match_reference(mode, noise, iterations, tmp_path):
     L, E, F, D = 2, 3, 48, 16
     weights = low_rank_experts(torch.Generator().manual_seed(7), L, E, F, D, noise)
