@@ -20,7 +20,7 @@ ROUTE_PROMPTS = ("def fibonacci(n):", "Once upon a time, a little dragon")
 CHAT_PROMPTS = ("What is the capital of France?", "Write a Python function that adds two numbers.")
 
 # Experts differ in their prompts; two carry seeded noise so the router has distinct experts to pick.
-# 0.002 is a few percent of SmolLM2's MLP weight scale: text stays fluent.
+# 0.002 is about 1% of the std of SmolLM2's MLP weights (~0.19): the text stays fluent.
 EXPERTS = [
     {"positive_prompts": ["def fibonacci(n):", "import numpy as np", "for i in range(10):"]},
     {"noise_scale": 0.002, "positive_prompts": ["Once upon a time", "The old king told a story about the sea"]},
