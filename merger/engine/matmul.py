@@ -37,7 +37,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
     """x [..., K] @ w[N, K].T (+ b): the result is in `out_dtype` (default x.dtype)."""
     out_dtype = out_dtype or x.dtype
     if not needs_upcast(x):
-        return F.linear(x, w, b).to(out_dtype)
+        y = F.linear(x, w, b)
+        return y if y.dtype == out_dtype else y.to(out_dtype)
     x32t = x.reshape(-1, x.shape[-1]).float().t()
     n = w.shape[0]
     # Computing out.T block by block keeps each block's rows contiguous for mm(out=...).

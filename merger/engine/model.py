@@ -110,7 +110,7 @@ class Transformer(nn.Module):
                                f"(max_position_embeddings {self.config.max_position_embeddings} in config.json)")
         if self.rope is None or self.rope[0].shape[0] < start + n:
             self.init_rope(self.device, 2 * (start + n))
-        cos, sin = (t[start:start + n] for t in self.rope)           # [T, Dh]
+        cos, sin = rope_slice(self.rope, start, n, self.dtype)       # [T, 1, Dh] each
         masks = _masks(self.config.sliding_windows, start, n, input_ids.device)
         x = F.embedding(input_ids, self.embed)                        # [B, T, D]
         for i, layer in enumerate(self.layers):
@@ -174,12 +174,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
                 masks: dict[int | None, torch.Tensor | None], cache: KVCache | None) -> torch.Tensor:
         bsz, n, _ = x.shape
-        hd, nq, nkv = self.head_dim, self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        qkv = linear(x, self.wqkv, self.bqkv)                                   # [B, T, (H+2K)*Dh]
-        q = qkv[..., :nq].view(bsz, n, self.n_heads, hd).transpose(1, 2)        # [B, H, T, Dh]
-        k = qkv[..., nq:nq + nkv].view(bsz, n, self.n_kv, hd).transpose(1, 2)   # [B, K, T, Dh]
-        v = qkv[..., nq + nkv:].view(bsz, n, self.n_kv, hd).transpose(1, 2)     # [B, K, T, Dh]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        hd = self.head_dim
+        qkv = linear(x, self.wqkv, self.bqkv).view(bsz, n, -1, hd)              # [B, T, H+2K, Dh]
+        qk = apply_rope(qkv[:, :, :self.n_heads + self.n_kv], cos, sin)       # q and k in one go
+        q = qk[:, :, :self.n_heads].transpose(1, 2)                             # [B, H, T, Dh]
+        k = qk[:, :, self.n_heads:].transpose(1, 2)                             # [B, K, T, Dh]
+        v = qkv[:, :, self.n_heads + self.n_kv:].transpose(1, 2)                # [B, K, T, Dh]
         if cache is not None:
             k, v = cache.update(start, k, v)                                    # [B, K, S, Dh], S = start+T
         mask = masks.get(self.window)
@@ -214,28 +214,39 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # normalise in float32, round to the model dtype, then scale: the order transformers uses
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+
+
+def rope_slice(table: tuple[torch.Tensor, torch.Tensor], start: int, n: int,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin for positions start..start+n, [T, 1, Dh] in `dtype`, made once per forward."""
+    cos, sin = (t[start:start + n].to(dtype) for t in table)
+    half = sin.shape[-1] // 2
+    # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the negation moves onto the table
+    sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+    return cos[:, None], sin[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE: x [B, H, T, Dh], cos/sin [T, Dh] float32."""
+    """Rotate-half RoPE: x [B, T, heads, Dh], cos / folded sin [T, 1, Dh] (see rope_slice)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * sin
 
 
 def _masks(windows: list[int | None], start: int, n: int,
            device: torch.device) -> dict[int | None, torch.Tensor | None]:
     """Boolean masks [T, S] (True = may attend) per distinct window; None where SDPA needs none."""
+    if n == 1:  # a single query sees every cached key (sliding windows slice the keys instead)
+        return dict.fromkeys(windows)
     out: dict[int | None, torch.Tensor | None] = {}
     q_pos = torch.arange(start, start + n, device=device)[:, None]   # [T, 1]
     k_pos = torch.arange(start + n, device=device)[None, :]          # [1, S]
     for w in set(windows):
-        if n == 1 or (start == 0 and (w is None or w >= n)):
-            out[w] = None  # plain causal (is_causal) or a single query over the visible keys
+        if start == 0 and (w is None or w >= n):
+            out[w] = None  # plain causal: SDPA's is_causal
             continue
         allowed = k_pos <= q_pos
         if w is not None:
