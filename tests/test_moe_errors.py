@@ -131,7 +131,7 @@ def test_validate_accepts_good_and_rejects_bad(tmp_path, tiny_models):
 
 
 # --- model checks: config.json and safetensors headers only ------------------------------------
-def make_odd_model(root: Path, kind: str, base_weights: dict) -> Path:
+def make_odd_model(root: Path, kind: str) -> Path:
     path = root / kind
     if kind == "mistral":
         synth.make_llama(path, seed=3, model_type="mistral")
@@ -161,7 +161,7 @@ def make_odd_model(root: Path, kind: str, base_weights: dict) -> Path:
     ("gpt2", "base", ["base_model", "'gpt2' model", "Llama or Mistral"]),
 ])
 def test_models_that_do_not_fit(kind, role, needles, tmp_path, tiny_models, no_tensor_reads):
-    odd = make_odd_model(tmp_path / "models", kind, {})
+    odd = make_odd_model(tmp_path / "models", kind)
     r = recipe(tiny_models)
     if role == "base":
         r["base_model"] = str(odd)

@@ -44,7 +44,7 @@ def build_moe(recipe: MoERecipe, out_dir: str | Path, *, force: bool = False,
     warn_identical_experts(recipe, paths)
     base = ckpts[recipe.base_model]
     gates = compute_gates(recipe, ckpts, paths[recipe.base_model], shapes, seed)
-    out_dtype = output_dtype(recipe, base)
+    out_dtype = output_dtype(recipe)
     sources = plan_tensors(recipe, ckpts, shapes, gates, out_dtype or base.dtype("model.embed_tokens.weight"), seed)
     show = Progress(f"composing MoE ({recipe.gate_mode})", progress)
     with staged_output(out_dir, force=force) as tmp:
@@ -62,7 +62,7 @@ def build_moe(recipe: MoERecipe, out_dir: str | Path, *, force: bool = False,
     return Path(out_dir)
 
 
-def output_dtype(recipe: MoERecipe, base: Checkpoint) -> torch.dtype | None:
+def output_dtype(recipe: MoERecipe) -> torch.dtype | None:
     """out_dtype, else dtype (mergekit-moe's output dtype), else None: each tensor keeps its own."""
     name = recipe.out_dtype or recipe.dtype
     return parse_dtype(name) if name else None
@@ -189,7 +189,7 @@ def plan_tensors(recipe: MoERecipe, ckpts: dict[str, Checkpoint], shapes: Shapes
         out += [copy(n) for n in layer_names.get(i, [])]
         if arch == "qwen2_moe":
             out += _zero_qkv_biases(base, i, gate_dtype)
-        out.append(Source(router_name(arch, i), functools.partial(lambda i: gates[i, :n_exp].to(gate_dtype), i)))
+        out.append(Source(router_name(arch, i), functools.partial(_rows, gates, i, slice(0, n_exp), gate_dtype)))
         members = [(expert_name(arch, i, j, proj), e, proj) for j, e in enumerate(recipe.experts) for proj in PROJS]
         if recipe.shared:
             members += [(shared_name(i, proj), recipe.shared, proj) for proj in PROJS]
@@ -201,9 +201,14 @@ def plan_tensors(recipe: MoERecipe, ckpts: dict[str, Checkpoint], shapes: Shapes
             read_before.add(key)
             out.append(Source(out_name, read))
         if recipe.shared:
-            out.append(Source(shared_gate_name(i), functools.partial(lambda i: gates[i, n_exp:].to(gate_dtype), i)))
+            out.append(Source(shared_gate_name(i), functools.partial(_rows, gates, i, slice(n_exp, None), gate_dtype)))
     out += [copy(n) for n in post]
     return out
+
+
+def _rows(gates: torch.Tensor, layer: int, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+    # a copy, not a view: shards must not hold tensors that alias one storage
+    return gates[layer, rows].to(dtype, copy=True)
 
 
 def _cloned(read: Callable[[], torch.Tensor]) -> torch.Tensor:
