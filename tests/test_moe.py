@@ -199,19 +199,25 @@ def test_copies_of_one_model_give_its_dense_logits(tmp_path, tiny_models, capfd)
     assert_close(hf_logits(hf_model(out), ids), hf_logits(hf_model(m["ft_a"]), ids), rtol=0, atol=1e-5)
 
 
-def test_mistral_base_keeps_its_sliding_window(tmp_path, load_weights):
+@pytest.mark.parametrize("shared", [False, True], ids=["mixtral", "qwen2_moe"])
+def test_mistral_base_keeps_its_sliding_window(tmp_path, shared):
+    """Experts = the Mistral's own MLP (and a silenced shared expert): the MoE must reproduce the
+    windowed dense Mistral, which differs from the same weights without a window."""
     root = tmp_path / "models"
-    kw = {"model_type": "mistral", "sliding_window": 4}
-    base = synth.make_llama(root / "base", seed=10, **kw)
-    for k in (1, 2):
-        synth.make_llama(root / f"ft{k}", seed=10 + k, base=base, **kw)
-    out = build(tmp_path, moe(root / "base", expert(root / "ft1", CODE), expert(root / "ft2", STORY), k=1))
+    synth.make_llama(root / "base", seed=10, model_type="mistral", sliding_window=4)
+    extra = {"shared_experts": [expert(root / "base", MATH, residual_scale=0.0)]} if shared else {}
+    out = build(tmp_path, moe(root / "base", expert(root / "base"), expert(root / "base"), gate_mode="random",
+                              k=1, **extra))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["sliding_window"] == 4 and cfg["num_experts_per_tok"] == 1
     ids = hf_ids(out, "import numpy as np\nx = np.zeros((3, 4))")
     assert len(ids) > 8  # longer than the window, so the window matters
-    model = hf_model(out)
-    assert_close(hf_logits(model, ids), engine_logits(out, ids), rtol=0, atol=1e-4)
+    got = hf_logits(hf_model(out), ids)
+    assert_close(got, hf_logits(hf_model(root / "base"), ids), rtol=0, atol=1e-5)
+    assert_close(got, engine_logits(out, ids), rtol=0, atol=1e-4)
+    unwindowed = json.loads((root / "base" / "config.json").read_text()) | {"sliding_window": None}
+    (root / "base" / "config.json").write_text(json.dumps(unwindowed))
+    assert (got - hf_logits(hf_model(root / "base"), ids)).abs().max() > 1e-3
 
 
 def test_tied_embeddings_stay_tied(tmp_path, load_weights):
