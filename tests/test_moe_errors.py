@@ -208,3 +208,21 @@ def test_prompt_longer_than_the_context(tmp_path, tiny_models):
     long = "x = 1\n" * 400  # ~800 tokens; the tiny models hold 512 positions
     r = recipe(tiny_models, experts=two_experts(tiny_models, {"positive_prompts": CODE}, {"positive_prompts": [long]}))
     assert_one_line_error(*run_build(tmp_path, r), "prompt 'x = 1\\nx = 1", "max_position_embeddings")
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path, tiny_models, monkeypatch):
+    """Disk full halfway through the shards: the staged folder is removed, OUT_DIR never appears."""
+    from merger.io.writer import ShardWriter
+
+    real, count = ShardWriter.add, []
+
+    def add(self, name, tensor):
+        count.append(name)
+        if len(count) == 20:
+            raise OSError(28, "No space left on device", str(tmp_path / "out"))
+        return real(self, name, tensor)
+
+    monkeypatch.setattr(ShardWriter, "add", add)
+    assert_one_line_error(*run_build(tmp_path, recipe(tiny_models, gate_mode="random"), "--out-shard-size", "100KB"),
+                          "No space left on device")
+    assert len(count) == 20
