@@ -116,3 +116,11 @@ def test_gate_plugin_with_parameters(tmp_path, tiny_models, load_weights):
         want = torch.stack([2.5 * (s[name] - base[name]).mean(dim=0) for s in srcs])
         assert_close(got[f"model.layers.{i}.block_sparse_moe.gate.weight"], want)
     assert "gate mode: `delta_gate`" in (out / "README.md").read_text()
+
+
+def test_moe_layers_follow_qwen2_moe_sparsity():
+    from merger.moe.route import moe_layers
+
+    assert moe_layers({"model_type": "mixtral", "num_hidden_layers": 3}) == [0, 1, 2]
+    cfg = {"model_type": "qwen2_moe", "num_hidden_layers": 6, "decoder_sparse_step": 2, "mlp_only_layers": [3]}
+    assert moe_layers(cfg) == [1, 5]  # transformers: sparse where (i + 1) % step == 0 and i not dense

@@ -40,13 +40,22 @@ class RouteReport:
         return asdict(self)
 
 
-def router_weights(ck: Checkpoint, num_layers: int) -> list[torch.Tensor]:
-    """Each layer's router [E, D], whichever of the two layouts (or transformers 5's names) holds it."""
-    out = []
-    for i in range(num_layers):
+def moe_layers(cfg: dict) -> list[int]:
+    """Layers with a router: all of a Mixtral; Qwen2-MoE may keep some dense (its sparse step, mlp_only_layers)."""
+    n = int(cfg.get("num_hidden_layers", 0))
+    if cfg.get("model_type") != "qwen2_moe":
+        return list(range(n))
+    step, dense = int(cfg.get("decoder_sparse_step") or 1), set(cfg.get("mlp_only_layers") or [])
+    return [i for i in range(n) if i not in dense and (i + 1) % step == 0]
+
+
+def router_weights(ck: Checkpoint, layers: list[int]) -> dict[int, torch.Tensor]:
+    """Each MoE layer's router [E, D], whichever of the two layouts (or transformers 5's names) holds it."""
+    out = {}
+    for i in layers:
         for name in (f"model.layers.{i}.block_sparse_moe.gate.weight", f"model.layers.{i}.mlp.gate.weight"):
             if ck.has(name):
-                out.append(ck.get(name).float())
+                out[i] = ck.get(name).float()
                 break
         else:
             raise CheckpointError(f"model {ck.label!r}: layer {i} has no router (block_sparse_moe.gate.weight or "
@@ -93,7 +102,9 @@ def route_report(model_dir: str | Path, prompts: list[str], dtype: torch.dtype |
         raise MergerError("give at least one prompt to route")
     top_k = int(ck.config.get("num_experts_per_tok", 2))
     normalize = mt == "mixtral" or bool(ck.config.get("norm_topk_prob", False))
-    routers = router_weights(ck, ck.num_layers)
+    routers = router_weights(ck, moe_layers(ck.config))
+    if not routers:
+        raise MergerError(f"{path}: no layer has routed experts; nothing to report")
     model = load_model(path, dtype=dtype, device=device)
     tok = load_tokenizer(path)
     out = []
@@ -103,12 +114,13 @@ def route_report(model_dir: str | Path, prompts: list[str], dtype: torch.dtype |
             raise MergerError("an empty prompt has no tokens to route (this tokenizer adds no BOS); give some text")
         states = model.layer_states(torch.tensor([ids], dtype=torch.long, device=device))["mlp_input"].cpu()
         layers = []
-        for i, router in enumerate(routers):
+        for i, router in routers.items():
             dense, top_w, top_e = route_probabilities(states[i], router, top_k, normalize)
             layers.append(LayerRoute(layer=i, experts=top_e[-1].tolist(), weights=top_w[-1].tolist(),
                                      share=dense.mean(dim=0).tolist()))
         out.append(PromptRoute(prompt=prompt, tokens=len(ids), layers=layers))
-    return RouteReport(experts=expert_labels(path, routers[0].shape[0]), top_k=top_k, prompts=out)
+    n_experts = next(iter(routers.values())).shape[0]
+    return RouteReport(experts=expert_labels(path, n_experts), top_k=top_k, prompts=out)
 
 
 def format_report(report: RouteReport) -> str:
