@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--hf-experts", default=None, help="transformers experts_implementation (default: its own)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "merger-bench")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "merger-bench-engine")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

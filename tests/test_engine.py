@@ -159,6 +159,22 @@ def test_routing_paths_equal_reference_loop(experts, top_k, tokens, normalize):
     assert_close(moe.experts_grouped(x, w13, w2, weights, idx), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_routing_paths_in_bf16_stay_within_rounding_of_the_reference():
+    # 64 tokens over 4 experts: ~32 rows each, so the grouped path takes the float32-upcast matmuls
+    g = torch.Generator().manual_seed(11)
+    d, f = 32, 48
+    x = torch.randn(64, d, generator=g).bfloat16()
+    router = torch.randn(4, d, generator=g).bfloat16()
+    w13 = (torch.randn(4, 2 * f, d, generator=g) / d ** 0.5).bfloat16()
+    w2 = (torch.randn(4, d, f, generator=g) / f ** 0.5).bfloat16()
+    ref = _reference_moe(x, router, w13, w2, 2, True).float()
+    weights, idx = moe.route(x, router, 2, True)
+    for path in (moe.experts_decode, moe.experts_grouped):
+        out = path(x, w13, w2, weights, idx)
+        assert out.dtype == torch.float32
+        assert_close(out, ref, atol=3e-2, rtol=3e-2)
+
+
 def test_routing_weights_are_float32_and_renormalised_only_when_asked():
     x, router = torch.randn(7, 16, dtype=torch.bfloat16), torch.randn(5, 16, dtype=torch.bfloat16)
     w_norm, _ = moe.route(x, router, 2, True)
