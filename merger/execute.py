@@ -118,6 +118,8 @@ def build_merge(recipe: MergeRecipe, out_dir: str | Path, *, force: bool = False
                 label: str = "recipe", progress: bool | None = None) -> Path:
     """Plan and run a merge recipe into `out_dir` (atomic). Returns the output folder."""
     options = dict(options or {})
+    if recipe.dtype:  # GGUF inputs are dequantized straight to the compute dtype (merger.io.gguf_convert)
+        options.setdefault("dtype", recipe.dtype)
     method = plugins.methods()[recipe.merge_method]
     paths = resolve_models(recipe.model_refs(), options)
     ckpts = open_checkpoints(paths, options)
