@@ -229,6 +229,35 @@ def test_tokenizer_encodes_like_the_original(tiny, tmp_path):
     assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2)
 
 
+def test_llama3_pre_tokenizer_matches_transformers_gguf_tokenizer(tiny, tmp_path):
+    """`llama-bpe` vocabularies split text with Llama 3's regex; transformers' GGUF loading is the reference."""
+    pytest.importorskip("accelerate")
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    root, cfg, weights = tiny
+    src = write_gguf(tmp_path / "m.gguf", cfg, weights, pre="llama-bpe")
+    ours = Tokenizer.from_file(str(convert_gguf(src, tmp_path / "hf") / "tokenizer.json"))
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    texts = TEXTS + ["x = 12345 + 678;\r\n  y", "don't WON'T it's"]
+    assert any(ours.encode(t).ids != synth.make_tokenizer(cfg["vocab_size"]).encode(t).ids for t in texts)
+    for text in texts:
+        assert ours.encode(text).ids == ref(text)["input_ids"], text
+
+
+def test_smollm_pre_tokenizer_splits_every_digit(tiny, tmp_path):
+    from tokenizers import Tokenizer
+
+    root, cfg, weights = tiny
+    src = write_gguf(tmp_path / "m.gguf", cfg, weights, pre="smollm")
+    ours = Tokenizer.from_file(str(convert_gguf(src, tmp_path / "hf") / "tokenizer.json"))
+    orig = synth.make_tokenizer(cfg["vocab_size"])
+    assert orig.encode("10 3", add_special_tokens=False).tokens == ["10", "Ġ3"]  # merges the GPT-2 split allows
+    assert ours.encode("10 3", add_special_tokens=False).tokens == ["1", "0", "Ġ", "3"]
+    # text without digits tokenizes exactly as the GPT-2 split does
+    assert ours.encode(TEXTS[0]).ids == orig.encode(TEXTS[0]).ids
+
+
 def test_header_parser_matches_gguf_reader(tiny, tmp_path):
     root, cfg, weights = tiny
     src = write_gguf(tmp_path / "m.gguf", cfg, weights, Q.Q8_0)
@@ -269,7 +298,7 @@ def test_recipe_with_a_gguf_model_converts_once(tiny, tmp_path, monkeypatch):
     for name, t in weights.items():
         torch.testing.assert_close(got[name], t)  # the same model both ways: the mix is the model
     entries = [p for p in (tmp_path / "cache" / "gguf").iterdir() if p.name != "stat"]
-    assert len(entries) == 1
+    assert len(entries) == 1 and entries[0].name.endswith("-float32")  # the recipe's dtype
     stamp = (entries[0] / "model.safetensors").stat().st_mtime_ns
     paths = resolve_models(["tiny.gguf", "folder"], {"base_dir": str(tmp_path)})
     assert paths["tiny.gguf"] == paths["folder"] == entries[0]
