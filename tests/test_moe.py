@@ -3,6 +3,7 @@ mode's formula recomputed here (hidden states from transformers' own LlamaForCau
 loads in transformers as Mixtral / Qwen2-MoE and matches merger's engine, and dense invariants hold."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -42,11 +43,16 @@ def expert(path: Path, pos: list[str] | None = None, neg: list[str] | None = Non
     return e
 
 
-def hf_ids(model_dir: Path, prompt: str) -> list[int]:
-    """BOS + prompt tokens without other specials, via transformers' tokenizer (independent of ours)."""
+@functools.lru_cache(maxsize=8)
+def hf_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def hf_ids(model_dir: Path, prompt: str) -> list[int]:
+    """BOS + prompt tokens without other specials, via transformers' tokenizer (independent of ours)."""
+    tok = hf_tokenizer(model_dir)
     return [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
 
 
