@@ -6,13 +6,13 @@ Tied embeddings (`tie_word_embeddings` and no `lm_head.weight`) expose lm_head a
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from merger.errors import CheckpointError
 
@@ -68,6 +68,7 @@ class Checkpoint:
         self._file_of: dict[str, str] = {}
         self._info: dict[str, dict[str, Any]] = {}
         self._handles: dict[str, Any] = {}
+        self._data_start: dict[str, int] = {}
         self._pickled: dict[str, torch.Tensor] = {}
         index = self.path / INDEX_NAME
         if index.is_file():
@@ -139,24 +140,42 @@ class Checkpoint:
 
     # --- data -----------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (mmap-backed where safetensors allows)."""
+        """Read one tensor into memory of its own. Not an mmap view: mapped pages, once read, count
+        in the process's RSS until the file is unmapped, so a merge would grow to all its inputs."""
         real = self._resolve(name)
         if real in self._pickled:
             return self._pickled[real]
         fname = self._file_of[real]
-        handle = self._handles.get(fname)
-        if handle is None:
+        fh = self._handles.get(fname)
+        if fh is None:
             try:
-                handle = safe_open(str(self.path / fname), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own error types
+                fh = open(self.path / fname, "rb", buffering=0)
+                (n,) = struct.unpack("<Q", os.pread(fh.fileno(), 8, 0))
+            except (OSError, struct.error) as e:
                 raise CheckpointError(f"{self.path / fname}: cannot open ({e})") from None
-            self._handles[fname] = handle
-        try:
-            return handle.get_tensor(real)
-        except Exception as e:
-            raise CheckpointError(f"{self.path / fname}: cannot read tensor {real!r} ({e})") from None
+            self._handles[fname] = fh
+            self._data_start[fname] = 8 + n
+        info = self._info[real]
+        start, end = info["data_offsets"]
+        out = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        if len(view) != end - start:
+            raise CheckpointError(f"{self.path / fname}: tensor {real!r} has {end - start} bytes for shape "
+                                  f"{info['shape']}; re-save the checkpoint")
+        pos, offset = 0, self._data_start[fname] + start
+        while pos < len(view):
+            try:
+                got = os.preadv(fh.fileno(), [view[pos:]], offset + pos)
+            except OSError as e:
+                raise CheckpointError(f"{self.path / fname}: cannot read tensor {real!r} ({e})") from None
+            if got <= 0:
+                raise CheckpointError(f"{self.path / fname}: file ends inside tensor {real!r}; re-download it")
+            pos += got
+        return out
 
     def close(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
         self._handles.clear()
 
     def _load_pickles(self, names: list[str]) -> None:
