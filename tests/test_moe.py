@@ -361,3 +361,16 @@ def test_readme_gate_table_matches_registry():
     rows = [r for r in gate_rows() if r["plugin"] == "merger.builtin"]
     table = markdown_table(rows, ["name", "prompts", "parameters", "description"])
     assert table in (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def test_shared_expert_may_have_its_own_width(tmp_path, tiny_models):
+    """Qwen2-MoE sizes the shared expert separately (shared_expert_intermediate_size)."""
+    m = tiny_models
+    wide = tmp_path / "wide"
+    synth.make_llama(wide, seed=30, intermediate=96)
+    out = build(tmp_path, moe(m["base"], expert(m["ft_a"], CODE), expert(m["ft_b"], STORY),
+                              shared_experts=[expert(wide, MATH)]))
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["moe_intermediate_size"], cfg["shared_expert_intermediate_size"]) == (128, 96)
+    ids = hf_ids(out, "print(i * i)")
+    assert_close(hf_logits(hf_model(out), ids), engine_logits(out, ids), rtol=0, atol=1e-4)
