@@ -39,12 +39,12 @@ def load_plugins() -> pluggy.PluginManager:
     global _loaded
     if _loaded:
         return pm
-    _loaded = True
     for modname in DEFAULT_PLUGINS:
         if pm.get_plugin(modname) is None:
             register_plugin(importlib.import_module(modname), modname)
     load_entry_points()
     check_plugins()
+    _loaded = True  # only now: after a failure, the next call reports it again
     return pm
 
 
@@ -218,9 +218,9 @@ def hook_names(plugin: Any) -> list[str]:
 
 def distribution_of(name: str) -> tuple[str, str]:
     """(distribution, version) behind a plugin name: an installed package, merger itself for
-    the built-ins, "file" and the path for a one-off file, "in-process" for pm.register calls."""
+    the built-ins, "file" for a one-off file, "in-process" for pm.register calls."""
     if name.startswith(FILE_PREFIX):
-        return "file", name.removeprefix(FILE_PREFIX)
+        return "file", ""  # the path is in the name
     if name in DEFAULT_PLUGINS:
         try:
             return "merger", metadata.version("merger")

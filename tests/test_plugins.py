@@ -355,6 +355,14 @@ def test_broken_entry_point_names_it_and_the_escape_hatch(fake_entry_points, mon
     assert "broken" not in loaded_names()
 
 
+def test_load_plugins_reports_a_broken_plugin_every_time(fake_entry_points, monkeypatch):
+    monkeypatch.setattr(plugins, "_loaded", False)  # as in a fresh process
+    monkeypatch.setenv(plugins.ENV_ALLOW, "broken")
+    for _ in range(2):  # a library caller that catches the first error is not left half-loaded
+        with pytest.raises(PluginError, match="plugin 'broken'"):
+            plugins.load_plugins()
+
+
 def test_allow_list_with_an_unknown_name(fake_entry_points, monkeypatch):
     monkeypatch.setenv(plugins.ENV_ALLOW, "alpha,gamma")
     with pytest.raises(PluginError, match="MERGER_LOAD_PLUGINS names 'gamma', which no installed package "
