@@ -276,15 +276,17 @@ def broken_gate(behaviour):
     (lambda ctx: torch.zeros(ctx.num_layers, ctx.num_experts + 1, ctx.hidden_size),
      ["returned [4, 3, 64]", "expected a tensor of shape [4, 2, 64]"]),
     (lambda ctx: torch.full((ctx.num_layers, ctx.num_experts, ctx.hidden_size), float("nan")), ["non-finite"]),
-    (lambda ctx: 1 / 0, ["failed", "ZeroDivisionError"]),
+    (_raise(ZeroDivisionError("boom\nsecond line")), ["failed: ZeroDivisionError: boom"]),
+    (_raise(ValueError("needs 2+ experts\nmore detail")), [": needs 2+ experts"]),
 ])
 def test_misbehaving_gate_initializer_is_one_line_naming_it(tmp_path, tiny_models, behaviour, needles):
     data = {"base_model": str(tiny_models["base"]), "gate_mode": "broken_gate", "experts_per_token": 1,
             "experts": [{"source_model": str(tiny_models["ft_a"])}, {"source_model": str(tiny_models["ft_b"])}]}
     path = write(tmp_path / "moe.yaml", yaml.safe_dump(data))
     with plugins.registered(Registers(gates=(broken_gate(behaviour),)), "wobbly"):
-        one_line_error(["build", str(path), str(tmp_path / "out"), "-q"],
-                       "gate initializer 'broken_gate' (plugin 'wobbly')", *needles)
+        line = one_line_error(["build", str(path), str(tmp_path / "out"), "-q"],
+                              "gate initializer 'broken_gate' (plugin 'wobbly')", *needles)
+    assert "second line" not in line and "more detail" not in line
     assert not (tmp_path / "out").exists()
 
 

@@ -111,9 +111,9 @@ def compute_gates(recipe: MoERecipe, ckpts: dict[str, Checkpoint], base_path: Pa
     except MergerError:
         raise
     except ValueError as e:
-        raise RecipeError(f"gate_mode {cls.name}: {e}") from None
+        raise RecipeError(f"{who}: {plugins.first_line(e)}") from None
     except Exception as e:
-        raise PluginError(f"{who} failed: {type(e).__name__}: {e}") from None
+        raise PluginError(f"{who} failed: {type(e).__name__}: {plugins.first_line(e)}") from None
     finally:
         ctx.release()
     want = (shapes.num_layers, len(rows), shapes.hidden)
