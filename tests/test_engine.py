@@ -421,3 +421,19 @@ def test_rope_table_regrows_for_longer_inputs(models):
     model.init_rope(model.device, 8)  # shorter than the prompt: forward must extend it
     assert_close(model(PROMPT), expect, atol=0, rtol=0)
     assert model.rope[0].shape[0] >= PROMPT.shape[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["llama", "qwen2_moe"])
+def test_cuda_model_matches_the_cpu_model(models, name):
+    cpu, gpu = load_model(models[name]), load_model(models[name], device="cuda")
+    assert_close(gpu(PROMPT.cuda()).cpu(), cpu(PROMPT), atol=1e-3, rtol=1e-3)
+    assert generate_ids(gpu, PROMPT[0].tolist(), 8)[0] == generate_ids(cpu, PROMPT[0].tolist(), 8)[0]
+
+
+def test_cuda_device_without_cuda_is_a_user_error(models):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    with pytest.raises(MergerError, match="CUDA is not available"):
+        load_model(models["llama"], device="cuda")
