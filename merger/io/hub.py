@@ -112,12 +112,13 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str], endpoint:
               options: dict[str, Any]) -> Path:
     from huggingface_hub import snapshot_download
 
-    label = f"{repo_id}@{revision}" if revision else repo_id
-    path = snapshot_download(
-        repo_id, revision=revision, cache_dir=cache_dir_of(options), endpoint=endpoint,
-        token=_token(options), local_files_only=offline, allow_patterns=patterns,
-        tqdm_class=_one_bar(label, options.get("progress")),
-    )
+    bar = _one_bar(f"{repo_id}@{revision}" if revision else repo_id, options.get("progress"))
+    try:
+        path = snapshot_download(
+            repo_id, revision=revision, cache_dir=cache_dir_of(options), endpoint=endpoint,
+            token=_token(options), local_files_only=offline, allow_patterns=patterns, tqdm_class=bar)
+    finally:
+        bar.close_all()
     return Path(path)
 
 
@@ -144,19 +145,33 @@ def _one_bar(label: str, enabled: bool | None) -> type:
     (its per-file and file-count bars stay hidden); hidden entirely off a terminal."""
     from tqdm.auto import tqdm
 
+    made: list[Any] = []
+
     class OneBar(tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             shown = str(kwargs.get("desc") or "").startswith("Reconstructing")
             kwargs.pop("bar_format", None)
             kwargs["desc"] = f"downloading {label}"
             kwargs["disable"] = True if (enabled is False or not shown) else None  # None: tty only
-            kwargs.setdefault("leave", True)
             super().__init__(*args, **kwargs)
+            made.append(self)
+
+        def display(self, msg: str | None = None, pos: int | None = None) -> bool | None:
+            if not self.total and not self.n:
+                return True  # nothing to download (yet): print nothing, e.g. when all is cached
+            return super().display(msg, pos)
 
         def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
             pass  # keep the repo's name on the line
 
         set_description_str = set_description
+
+        @staticmethod
+        def close_all() -> None:
+            # snapshot_download leaves its byte bar open; finish it, and erase it if all was cached.
+            for bar in made:
+                bar.leave = bar.n > 0
+                bar.close()
 
     return OneBar
 
