@@ -272,7 +272,8 @@ def validate_merge_recipe(recipe: MergeRecipe, path: str | Path) -> None:
     registry = plugins.methods()
     if recipe.merge_method not in registry:
         raise RecipeError(f"{path}: merge_method: unknown method {recipe.merge_method!r}; "
-                          f"registered: {', '.join(sorted(registry))}")
+                          f"registered: {', '.join(sorted(registry))} (a plugin's method needs its package "
+                          f"installed, or its .py file under `plugins:`)")
     method = registry[recipe.merge_method]
     gfields, mfields = _fields(method.Params), _fields(method.ModelParams)
 

@@ -114,7 +114,8 @@ def validate_moe_recipe(recipe: MoERecipe, path: str | Path) -> None:
     registry = plugins.gate_initializers()
     if recipe.gate_mode not in registry:
         raise RecipeError(f"{path}: gate_mode: unknown gate initializer {recipe.gate_mode!r}; "
-                          f"registered: {', '.join(sorted(registry))}")
+                          f"registered: {', '.join(sorted(registry))} (a plugin's gate initializer needs its "
+                          f"package installed, or its .py file under `plugins:`)")
     gate = registry[recipe.gate_mode]
     try:
         gate.Params.model_validate(recipe.gate_parameters)
