@@ -220,6 +220,20 @@ def test_build_push_to_private_repo_and_branch(hub, hub_models, tmp_path):
     assert repo.refs["dev"] != repo.refs["main"] and set(repo.commits[repo.refs["dev"]]) == set(files_of(out))
 
 
+def test_moe_from_repo_ids_pushed_with_its_own_card(hub, hub_models, tmp_path):
+    recipe = {"base_model": "org/base", "gate_mode": "random", "experts_per_token": 1,
+              "experts": [{"source_model": "org/ft-a"}, {"source_model": "org/ft-b"}]}
+    res = build(recipe, tmp_path / "moe", "--push-to", "org/moe")
+    assert res.exit_code == 0, res.output
+    back = Path(snapshot_download("org/moe", endpoint=hub.endpoint, token=TOKEN, cache_dir=tmp_path / "dl"))
+    assert files_of(back) == files_of(tmp_path / "moe")
+    meta, body = read_card(back)
+    assert meta["base_model"] == ["org/base", "org/ft-a", "org/ft-b"] and meta["license"] == "apache-2.0"
+    assert {"merge", "merger", "moe"} <= set(meta["tags"]) and meta["library_name"] == "transformers"
+    # The MoE build's own card body is kept (merger.card would write "composed with merger").
+    assert "composed with merger" not in body and "org/ft-b" in body and "random" in body
+
+
 def test_publish_fixes_the_front_matter_of_a_foreign_card(hub, tiny_models, tmp_path):
     """A folder whose README.md lacks the front matter (a hand-written card) and whose saved
     recipe holds absolute paths: the upload keeps the card's body, adds the metadata, scrubs."""
