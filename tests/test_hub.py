@@ -3,6 +3,7 @@ client: build from repo ids (identical to building from the folders), publish an
 byte for byte, model cards, pickle refusal, and one line per failure. Nothing leaves 127.0.0.1."""
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -14,8 +15,10 @@ from hub_server import HubServer
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from merger import synth
 from merger.card import split_front_matter
 from merger.cli import app
+from merger.io.hub import choose_files
 
 TOKEN = "loopback-test-token"
 LICENSE_CARD = b"---\nlicense: apache-2.0\n---\n# a tiny test model\n"
@@ -51,15 +54,19 @@ def upload(server: HubServer, repo_id: str, folder: Path | None = None, extra: d
 
 
 @pytest.fixture
-def hub_models(hub, tiny_models):
-    """org/base, org/ft-a, org/ft-b on the loopback Hub (same files as the local folders, plus a
-    license card; org/ft-b also carries files a merge must not download)."""
+def hub_models(hub, tiny_models, load_weights, tmp_path):
+    """org/base, org/ft-a, org/ft-b on the loopback Hub with a license card each. org/ft-b holds
+    the same tensors sharded (with an index), plus files a merge must not download."""
+    sharded = tmp_path / "ft_b_sharded"
+    config = json.loads((tiny_models["ft_b"] / "config.json").read_text())
+    synth.write_checkpoint(sharded, config, load_weights(tiny_models["ft_b"]), max_shard_bytes=300_000)
+    unneeded = {"consolidated.safetensors": (tiny_models["ft_b"] / "model.safetensors").read_bytes(),
+                "pytorch_model.bin": b"not needed", "model.gguf": b"not needed either"}
     shas = {}
-    for name, key in (("base", "base"), ("ft-a", "ft_a"), ("ft-b", "ft_b")):
-        extra = {"README.md": LICENSE_CARD}
-        if name == "ft-b":
-            extra |= {"pytorch_model.bin": b"not needed", "model.gguf": b"not needed either"}
-        shas[name] = upload(hub, f"org/{name}", tiny_models[key], extra)
+    for name, folder in (("base", tiny_models["base"]), ("ft-a", tiny_models["ft_a"]), ("ft-b", sharded)):
+        extra = {"README.md": LICENSE_CARD} | (unneeded if name == "ft-b" else {})
+        shas[name] = upload(hub, f"org/{name}", folder, extra)
+    assert "model.safetensors.index.json" in hub.state.files("org/ft-b")
     return shas
 
 
@@ -125,8 +132,8 @@ def test_build_from_repo_ids_matches_local_build(hub, hub_models, tiny_models, t
     # Only what a merge needs came down: no pickle, no gguf, into the temporary HF cache.
     cache = tmp_path / "hf_home" / "hub"
     fetched = {p.name for p in cache.rglob("*") if p.is_file() or p.is_symlink()}
-    assert "model.safetensors" in fetched and "tokenizer.json" in fetched
-    assert not {"pytorch_model.bin", "model.gguf"} & fetched
+    assert {"model.safetensors", "model-00001-of-00003.safetensors", "tokenizer.json"} <= fetched
+    assert not {"pytorch_model.bin", "model.gguf", "consolidated.safetensors"} & fetched
     snapshot = cache / "models--org--ft-a" / "snapshots" / hub_models["ft-a"]
     assert (snapshot / "model.safetensors").read_bytes() == (tiny_models["ft_a"] / "model.safetensors").read_bytes()
 
@@ -170,6 +177,28 @@ def test_offline_mode_uses_the_cache_only(hub, hub_models, tmp_path, monkeypatch
     assert_one_line_error(res, tmp_path / "out", "org/never-fetched", "not in the Hugging Face cache",
                           "HF_HUB_OFFLINE")
     assert len(hub.state.requests) == before
+
+
+def test_choose_files_reads_like_checkpoint():
+    files = ["model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+             "consolidated.safetensors", "onnx/model.safetensors", "onnx/config.json", "config.json",
+             "tokenizer.model", "chat_template.jinja", "pytorch_model.bin", "training_args.bin", "model.gguf",
+             "README.md", ".gitattributes"]
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    got = choose_files(files, "org/x", False, lambda name: shards)
+    assert got == [*shards, "model.safetensors.index.json", "config.json", "tokenizer.model",
+                   "chat_template.jinja", "README.md"]
+    pickles = ["pytorch_model.bin", "training_args.bin", "config.json"]
+    assert choose_files(pickles, "org/x", True, None) == ["pytorch_model.bin", "config.json"]
+
+
+def test_network_down_after_download_uses_the_cache(hub, hub_models, tmp_path, monkeypatch):
+    recipe = task_arithmetic("org/base", f"org/ft-a@{hub_models['ft-a'][:7]}", "org/ft-b")
+    assert build(recipe, tmp_path / "online").exit_code == 0
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    res = build(recipe, tmp_path / "cached")
+    assert res.exit_code == 0, res.output
+    assert_same_weights(tmp_path / "cached", tmp_path / "online")
 
 
 def test_missing_local_looking_path_never_asks_the_hub(hub, tiny_models, tmp_path):

@@ -6,13 +6,15 @@ passed to huggingface_hub explicitly (the library reads them once, at import).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
 from merger.errors import HubError
-from merger.io.checkpoint import is_pickle_weights
+from merger.io.checkpoint import INDEX_NAME, PICKLE_INDEX_NAME, SINGLE_NAME, is_pickle_weights
 from merger.io.hf import TOKENIZER_FILES
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -21,7 +23,6 @@ REF_RE = re.compile(rf"(?P<repo>{_PART}/{_PART})(?:@(?P<rev>[\w][\w./-]{{0,199}}
 # Weights, configs, tokenizer and chat template; README.md only for the input's license.
 FETCH_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "README.md",
                   *(name for name in TOKENIZER_FILES if not name.endswith(".json"))]
-PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
@@ -72,57 +73,91 @@ def resolve_hub_model(reference: str, options: dict[str, Any]) -> Path | None:
         return None
     repo_id, revision = parsed
     endpoint = endpoint_of(options)
-    allow_pickle = bool(options.get("allow_pickle"))
     offline = offline_of(options)
-    patterns = list(FETCH_PATTERNS)
     try:
-        if not offline:
-            patterns += _pickle_patterns(repo_id, revision, endpoint, options, allow_pickle)
-        folder = _snapshot(repo_id, revision, patterns, endpoint, offline, options)
+        folder = _cached(repo_id, revision, options) if offline else _download(repo_id, revision, endpoint, options)
     except HubError:
         raise
     except Exception as e:  # huggingface_hub's errors are OSErrors; each one gets its own line
         raise hub_failure(e, f"model {reference!r}", repo_id, revision, endpoint, offline) from None
-    _check_snapshot(reference, folder, allow_pickle, offline)
+    if folder is None:
+        raise HubError(f"model {reference!r}: {repo_id} is not in the Hugging Face cache "
+                       f"({cache_dir_of(options)}) and offline mode is on (HF_HUB_OFFLINE); unset it to download")
+    _check_snapshot(reference, folder, bool(options.get("allow_pickle")))
     return folder
 
 
-def _pickle_patterns(repo_id: str, revision: str | None, endpoint: str, options: dict[str, Any],
-                     allow_pickle: bool) -> list[str]:
-    """Look at the repo's files first: refuse pickle-only weights before downloading anything."""
-    from huggingface_hub import HfApi
+def _download(repo_id: str, revision: str | None, endpoint: str, options: dict[str, Any]) -> Path:
+    from huggingface_hub import HfApi, errors, hf_hub_download, snapshot_download
 
-    info = HfApi(endpoint=endpoint, token=_token(options)).model_info(repo_id, revision=revision)
-    files = [s.rfilename for s in info.siblings or []]
-    if any(f.endswith(".safetensors") for f in files):
-        return []
-    pickles = [f for f in files if is_pickle_weights(f)]
-    where = f"{repo_id}@{revision}" if revision else repo_id
-    if not pickles:
-        raise HubError(f"model {where!r}: the repository has no *.safetensors weights (files: "
-                       f"{', '.join(files[:8]) or 'none'}); choose a repo or revision with safetensors")
-    if not allow_pickle:
-        raise HubError(f"model {where!r}: the repository has only pickle weights ({', '.join(pickles[:3])}); "
-                       f"pass --allow-pickle to load them with torch.load(weights_only=True), "
-                       f"or use a safetensors conversion")
-    return PICKLE_PATTERNS
-
-
-def _snapshot(repo_id: str, revision: str | None, patterns: list[str], endpoint: str, offline: bool,
-              options: dict[str, Any]) -> Path:
-    from huggingface_hub import snapshot_download
-
-    bar = _one_bar(f"{repo_id}@{revision}" if revision else repo_id, options.get("progress"))
+    api = HfApi(endpoint=endpoint, token=_token(options))
     try:
-        path = snapshot_download(
-            repo_id, revision=revision, cache_dir=cache_dir_of(options), endpoint=endpoint,
-            token=_token(options), local_files_only=offline, allow_patterns=patterns, tqdm_class=bar)
+        info = api.model_info(repo_id, revision=revision)
+    except errors.HTTPError as e:
+        if isinstance(e, errors.HfHubHTTPError):
+            raise
+        cached = _cached(repo_id, revision, options)  # network down: like huggingface_hub, use the cache
+        if cached is None:
+            raise
+        return cached
+    where = f"{repo_id}@{revision}" if revision else repo_id
+
+    def read_index(name: str) -> list[str]:
+        path = hf_hub_download(repo_id, name, revision=info.sha, cache_dir=cache_dir_of(options),
+                               endpoint=endpoint, token=_token(options))
+        return sorted(set(json.loads(Path(path).read_text())["weight_map"].values()))
+
+    files = choose_files([s.rfilename for s in info.siblings or []], where, bool(options.get("allow_pickle")),
+                         read_index)
+    bar = _one_bar(where, options.get("progress"))
+    try:
+        # The user's revision (not the sha) so the cache records refs/<revision> for offline use.
+        path = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir_of(options), endpoint=endpoint,
+                                 token=_token(options), allow_patterns=files, tqdm_class=bar)
     finally:
         bar.close_all()
     return Path(path)
 
 
-def _check_snapshot(reference: str, folder: Path, allow_pickle: bool, offline: bool) -> None:
+def choose_files(files: list[str], where: str, allow_pickle: bool, read_index: Any) -> list[str]:
+    """The top-level files a merge reads, chosen the way Checkpoint reads a folder: the shards an
+    index names, else model.safetensors, else every *.safetensors; pickles only if allowed.
+    Repos that also carry e.g. consolidated.safetensors or GGUF files download no more."""
+    top = [f for f in files if "/" not in f]
+    if INDEX_NAME in top:
+        weights = read_index(INDEX_NAME)
+    elif SINGLE_NAME in top:
+        weights = [SINGLE_NAME]
+    else:
+        weights = [f for f in top if f.endswith(".safetensors")]
+    if not weights:
+        pickles = [f for f in top if is_pickle_weights(f)]
+        if not pickles:
+            raise HubError(f"model {where!r}: the repository has no *.safetensors weights (files: "
+                           f"{', '.join(top[:8]) or 'none'}); choose a repo or revision with safetensors")
+        if not allow_pickle:
+            raise HubError(f"model {where!r}: the repository has only pickle weights ({', '.join(pickles[:3])}); "
+                           f"pass --allow-pickle to load them with torch.load(weights_only=True), "
+                           f"or use a safetensors conversion")
+        weights = read_index(PICKLE_INDEX_NAME) if PICKLE_INDEX_NAME in top else pickles
+    extra = [f for f in top if f not in weights and any(fnmatch(f, p) for p in FETCH_PATTERNS[1:])]
+    return weights + extra
+
+
+def _cached(repo_id: str, revision: str | None, options: dict[str, Any]) -> Path | None:
+    """The cached snapshot for a revision, from the HF cache layout
+    (models--org--name/refs/<revision> holds the commit; snapshots/<commit>/ the files)."""
+    root = Path(cache_dir_of(options)) / ("models--" + repo_id.replace("/", "--"))
+    rev = revision or "main"
+    ref = root / "refs" / rev
+    sha = ref.read_text().strip() if ref.is_file() else rev
+    if (root / "snapshots" / sha).is_dir():
+        return root / "snapshots" / sha
+    hits = list((root / "snapshots").glob(rev + "*")) if re.fullmatch(r"[0-9a-f]{7,40}", rev) else []
+    return hits[0] if len(hits) == 1 else None
+
+
+def _check_snapshot(reference: str, folder: Path, allow_pickle: bool) -> None:
     # A repo where nothing matched the patterns yields a folder that does not exist.
     names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
     if any(n.endswith(".safetensors") for n in names):
@@ -130,13 +165,10 @@ def _check_snapshot(reference: str, folder: Path, allow_pickle: bool, offline: b
     pickles = [n for n in names if is_pickle_weights(n)]
     if pickles and allow_pickle:
         return
-    if offline and not pickles:
-        raise HubError(f"model {reference!r}: the cached copy has no *.safetensors weights and HF_HUB_OFFLINE "
-                       f"is set; unset it to download the model")
     if pickles:
         raise HubError(f"model {reference!r}: only pickle weights ({', '.join(pickles[:3])}); "
                        f"pass --allow-pickle to load them with torch.load(weights_only=True)")
-    raise HubError(f"model {reference!r}: the repository has no *.safetensors weights; "
+    raise HubError(f"model {reference!r}: no *.safetensors weights in {folder.name if folder.is_dir() else 'the repo'}; "
                    f"choose a repo or revision with safetensors")
 
 
