@@ -78,16 +78,11 @@ def np_outlier_mask(d: torch.Tensor, density: float, gamma: float) -> np.ndarray
     return mask.reshape(d.shape)
 
 
-def replay_masks(name, tensors, base, densities, extra, seed):
-    """Masks of the random methods: replay the per-tensor generator in model order."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for t, dens, x in zip(tensors, densities, extra):
-        d = t - base
-        m = sparsify.random_mask(d, dens, g) if name.startswith("dare") else \
-            sparsify.rank_sampling_mask(d, dens, x, g)
-        out.append(None if m is None else m.double().numpy())
-    return out
+def drawn_masks(cls, tensors, base, params, mps, seed):
+    """The random methods' masks as the method draws them for this seed (checked statistically
+    in test_methods_sparsify and below); the combination around them is recomputed here."""
+    masks = cls().masks(tensors, base, params, mps, ctx(seed=seed))
+    return [None if m is None else m.double().numpy() for m in masks]
 
 
 @pytest.mark.parametrize("name", FAMILY)
@@ -106,11 +101,14 @@ def test_family_matches_reference(name, density, flags):
     params = cls.Params(normalize=normalize, rescale=rescale, **{"lambda": lam})
     got = cls().merge(ts, base, params, mps, ctx(seed=4))
     if name.startswith(("dare", "della")):
-        masks = replay_masks(name, ts, base, [density] * 3, [extra.get("epsilon")] * 3, seed=4)
+        masks = drawn_masks(cls, ts, base, params, mps, seed=4)
     elif name.startswith("breadcrumbs"):
         masks = [None if density >= 1 else np_outlier_mask(t - base, density, 0.05) for t in ts]
     else:
         masks = [None if density >= 1 else np_magnitude_mask(t - base, density) for t in ts]
+    if not name.startswith(("dare", "della")):  # the deterministic masks: the method's own equal ours
+        for own, ref in zip(cls().masks(ts, base, params, mps, ctx()), masks):
+            assert (own is None) == (ref is None) and (own is None or np.array_equal(own.numpy(), ref > 0))
     want = np_combine(ts, base, weights, masks, rescale=rescale, elect=name in ELECT, normalize=normalize, lam=lam)
     assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
@@ -206,7 +204,7 @@ def test_bf16_inputs(name):
     assert got.dtype == torch.bfloat16
     normalize, rescale = DEFAULTS[name]
     if name == "dare_ties":
-        masks = replay_masks(name, ts, base, [0.5] * 3, [None] * 3, seed=3)
+        masks = drawn_masks(cls, ts, base, cls.Params(), mps, seed=3)
     elif name == "ties":
         masks = [np_magnitude_mask(t - base, 0.5) for t in ts]
     else:
@@ -225,3 +223,26 @@ def test_della_epsilon_validator():
         cls.ModelParams(weight=1, density=0.9, epsilon=0.15)
     cls.ModelParams(weight=1, density=1.0, epsilon=0.15)  # density 1 keeps everything: no range needed
     cls.ModelParams(weight=1, density=0.5, epsilon=0.15)
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties", "dare_ties", "della", "dare_linear"])
+def test_streamed_in_many_blocks(name, monkeypatch):
+    # Tiny blocks (2 rows each) so masks, ties in magnitude and the election cross block edges.
+    monkeypatch.setattr(sparsify, "BLOCK", 64)
+    base, ts = inputs(12, shape=(50, 30))
+    ts = [base + (t - base).mul(8).round().div(8) for t in ts]  # a coarse grid: many equal magnitudes
+    cls = method(name)
+    extra = {"gamma": 0.02} if name.startswith("breadcrumbs") else {"epsilon": 0.1} if name == "della" else {}
+    mps = [cls.ModelParams(weight=w, density=0.4, **extra) for w in (0.6, 0.3, 0.8)]
+    params = cls.Params()
+    got = cls().merge(ts, base, params, mps, ctx(seed=2))
+    normalize, rescale = DEFAULTS[name]
+    if name.startswith(("dare", "della")):
+        masks = drawn_masks(cls, ts, base, params, mps, seed=2)
+    elif name == "ties":
+        masks = [np_magnitude_mask(t - base, 0.4) for t in ts]
+    else:
+        masks = [np_outlier_mask(t - base, 0.4, 0.02) for t in ts]
+    want = np_combine(ts, base, [0.6, 0.3, 0.8], masks, rescale=rescale, elect=name in ELECT,
+                      normalize=normalize, lam=1.0)
+    assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

@@ -30,7 +30,8 @@ class Linear(MergeMethod):
                 raise ValueError("weights sum to 0 with normalize: true; change the weights or set normalize: false")
             # Normalising the weights first keeps a one-model merge bit-exact (w/w == 1).
             weights = [w / total for w in weights]
-        out = torch.zeros_like(tensors[0])
-        for w, t in zip(weights, tensors):
+        # Start from the first product rather than zeros: one pass less over a fresh tensor.
+        out = tensors[0] * weights[0]
+        for w, t in zip(weights[1:], tensors[1:]):
             out.add_(t, alpha=w)
         return out

@@ -2,20 +2,22 @@
 (DARE, arXiv:2311.03099), outlier-trimmed magnitude (Model Breadcrumbs, arXiv:2312.06795) and
 rank-based sampling (DELLA, arXiv:2406.11617), plus the L1-preserving rescale.
 
-Every mask is a bool tensor (or None for "keep everything"); magnitude selection finds an exact
-threshold by bisection on the float bit patterns, so it never sorts or indexes a whole tensor.
+A mask is produced block by block (row blocks of a 2-D view, in order) by a MaskPlan, so a merge
+never holds a whole mask or delta. Magnitude plans find an exact threshold by counting, never by
+sorting or indexing a whole tensor; random plans own a generator seeded from the merge's one.
 """
 from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
 
 import torch
 
 # Non-negative IEEE floats order exactly like their bit patterns read as signed integers.
 _KEY_DTYPE = {torch.float32: torch.int32, torch.float64: torch.int64,
               torch.float16: torch.int16, torch.bfloat16: torch.int16}
-# Below this many candidates the bisection hands over to kthvalue on the (small) candidate set.
-_SMALL_BAND = 1 << 16
-# Della ranks rows in blocks of about this many elements to bound the argsort's int64 temporaries.
-_DELLA_BLOCK = 1 << 22
+BLOCK = 1 << 20          # elements per block: temporaries stay a few MB
+_SAMPLE = 1 << 16        # strided sample that brackets the threshold before any full pass
 
 
 def keep_count(density: float, n: int) -> int:
@@ -28,111 +30,211 @@ def keep_count(density: float, n: int) -> int:
     return min(n, max(1, int(density * n)))
 
 
-def _keys(magnitude: torch.Tensor) -> torch.Tensor:
-    mag = magnitude.reshape(-1)
+def rows_of(x: torch.Tensor) -> torch.Tensor:
+    """The 2-D view masks work on: rows are the first dim (a 1-D tensor is one row)."""
+    return x.reshape(1, -1) if x.dim() < 2 else x.reshape(x.shape[0], -1)
+
+
+def row_blocks(rows: torch.Tensor) -> list[slice]:
+    per = max(1, BLOCK // max(rows.shape[1], 1))
+    return [slice(r, r + per) for r in range(0, rows.shape[0], per)]
+
+
+def keys_of(values: torch.Tensor) -> torch.Tensor:
+    """Integer keys ordered like |values|."""
+    mag = values.abs()
     if mag.dtype not in _KEY_DTYPE:
         mag = mag.float()
     return mag.view(_KEY_DTYPE[mag.dtype])
 
 
-def kth_largest_key(keys: torch.Tensor, k: int) -> int:
-    """The k-th largest of a flat integer tensor (1 <= k <= numel), by bisection on counts.
+class Cut:
+    """Membership in the k largest keys, equal keys going to the lower flat index first: keys
+    above `thr`, plus the first `need` keys equal to it. Call on the blocks in order."""
 
-    Each step needs one comparison pass and a bool temporary; once few candidates remain between
-    the bounds they are gathered and finished with kthvalue."""
-    n = keys.numel()
-    lo, c_lo = int(keys.min()), n            # count(keys >= lo) = n >= k
-    hi, c_hi = int(keys.max()) + 1, 0        # count(keys >= hi) = 0 < k
-    while hi - lo > 1:
-        if c_lo - c_hi <= _SMALL_BAND:
-            band = keys[(keys >= lo) & (keys < hi)]
-            need = k - c_hi                   # rank of the answer inside the band, from the top
-            return int(torch.kthvalue(band, band.numel() - need + 1).values)
-        mid = (lo + hi) // 2
-        c = int(torch.count_nonzero(keys >= mid))
-        if c >= k:
-            lo, c_lo = mid, c
-        else:
-            hi, c_hi = mid, c
-    return lo
+    def __init__(self, thr: int, need: int):
+        self.thr, self.need = thr, need
+        self.left = need
+
+    def restart(self) -> None:
+        self.left = self.need
+
+    def __call__(self, keys: torch.Tensor) -> torch.Tensor:
+        mask = keys > self.thr
+        if self.left > 0:
+            eq = keys == self.thr
+            e = int(torch.count_nonzero(eq))
+            if e > self.left:
+                eq &= eq.reshape(-1).cumsum(0, dtype=torch.int64).view(eq.shape) <= self.left
+                e = self.left
+            mask |= eq
+            self.left -= e
+        return mask
 
 
-def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of exactly the k largest entries; equal values go to the lower flat index first."""
-    n = magnitude.numel()
+def find_cut(blocks: Callable[[], Iterator[torch.Tensor]], sample: torch.Tensor, n: int, k: int) -> Cut:
+    """The Cut of the k largest among n keys, streamed by `blocks()` (each call a fresh pass).
+
+    Bisection on counts keeps count(keys >= lo) >= k > count(keys >= hi); a strided `sample` of
+    the keys brackets the answer first, so usually two counting passes and one pass gathering
+    the few keys left between the bounds (finished with kthvalue) suffice."""
+    top = torch.iinfo(sample.dtype).max           # above every key of a number (inf included)
     if k <= 0:
-        return torch.zeros(magnitude.shape, dtype=torch.bool)
+        return Cut(top, 0)
     if k >= n:
-        return torch.ones(magnitude.shape, dtype=torch.bool)
-    keys = _keys(magnitude)
-    thr = kth_largest_key(keys, k)
-    mask = keys > thr
-    need = k - int(torch.count_nonzero(mask))
-    ties = keys == thr
-    if int(torch.count_nonzero(ties)) > need:
-        # Keep only the first `need` tied entries so the count is exact and the choice reproducible.
-        rank = ties.cumsum(0, dtype=torch.int32 if n < 2**31 else torch.int64)
-        ties &= rank <= need
-    mask |= ties
-    return mask.view(magnitude.shape)
+        return Cut(-1, 0)
+
+    def count_ge(v: int) -> int:
+        return sum(int(torch.count_nonzero(kb >= v)) for kb in blocks())
+
+    lo, c_lo, hi, c_hi = 0, n, top, 0
+    s = torch.sort(sample.reshape(-1), descending=True).values
+    m = s.numel()
+    if m >= 64:
+        q = k / n
+        margin = 4 * math.sqrt(m * q * (1 - q)) + 8
+        for v in (int(s[max(0, math.floor(q * m - margin))]) + 1, int(s[min(m - 1, math.ceil(q * m + margin))])):
+            if lo < v < hi:
+                c = count_ge(v)
+                lo, c_lo, hi, c_hi = (v, c, hi, c_hi) if c >= k else (lo, c_lo, v, c)
+    band_limit = max(_SAMPLE, n >> 4)
+    while hi - lo > 1:
+        if c_lo - c_hi <= band_limit:
+            band = torch.cat([kb[(kb >= lo) & (kb < hi)] for kb in blocks()])
+            need = k - c_hi                       # rank of the answer inside the band, from the top
+            thr = int(torch.kthvalue(band, band.numel() - need + 1).values)
+            return Cut(thr, k - c_hi - int(torch.count_nonzero(band > thr)))
+        mid = (lo + hi) // 2
+        c = count_ge(mid)
+        lo, c_lo, hi, c_hi = (mid, c, hi, c_hi) if c >= k else (lo, c_lo, mid, c)
+    return Cut(lo, k - c_hi)                      # every key in [lo, hi) equals lo
+
+
+class MaskPlan:
+    """Makes one model's mask block by block; `restart()` before each pass over the blocks."""
+
+    def restart(self) -> None:
+        pass
+
+    def __call__(self, delta: torch.Tensor) -> torch.Tensor | None:
+        return None                               # keep everything
+
+
+class DropAll(MaskPlan):
+    def __call__(self, delta: torch.Tensor) -> torch.Tensor | None:
+        return torch.zeros(delta.shape, dtype=torch.bool)
+
+
+class RankWindow(MaskPlan):
+    """Keep magnitude ranks [start, stop) counted from the largest: top(stop) minus top(start)."""
+
+    def __init__(self, outer: Cut, inner: Cut | None):
+        self.outer, self.inner = outer, inner
+
+    def restart(self) -> None:
+        self.outer.restart()
+        if self.inner is not None:
+            self.inner.restart()
+
+    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        keys = keys_of(delta)
+        mask = self.outer(keys)
+        if self.inner is not None:
+            mask &= ~self.inner(keys)
+        return mask
+
+
+class RandomKeep(MaskPlan):
+    """DARE: keep each entry independently with probability `density`."""
+
+    def __init__(self, density: float, seed: int):
+        self.density, self.seed = density, seed
+        self.restart()
+
+    def restart(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        return torch.empty(delta.shape, dtype=torch.bool).bernoulli_(self.density, generator=self.generator)
+
+
+class RankKeep(RandomKeep):
+    """DELLA MagPrune: per row, rank |delta| ascending (ties by position), map the ranks linearly
+    onto [density − ε, density + ε] and keep each entry with that probability. A one-entry row
+    keeps with probability `density`."""
+
+    def __init__(self, density: float, epsilon: float, seed: int):
+        self.epsilon = epsilon
+        super().__init__(density, seed)
+
+    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        width = delta.shape[1]
+        order = torch.argsort(delta.abs(), dim=1, stable=True)
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(width).expand_as(order))
+        if width > 1:
+            prob = ranks.to(torch.float64).mul_(2 * self.epsilon / (width - 1)).add_(self.density - self.epsilon)
+        else:
+            prob = torch.full(ranks.shape, self.density, dtype=torch.float64)
+        return torch.rand(prob.shape, generator=self.generator, dtype=torch.float64) < prob
+
+
+def magnitude_plan(deltas: Callable[[], Iterator[torch.Tensor]], sample: torch.Tensor, n: int,
+                   density: float, gamma: float = 0.0) -> MaskPlan:
+    """TIES trim (gamma 0) or Breadcrumbs: drop the largest gamma fraction, then the smallest, so
+    that `density` remains. When gamma·numel < 1 no large entry is dropped."""
+    if density >= 1:
+        return MaskPlan()
+    keep = keep_count(density, n)
+    if keep == 0:
+        return DropAll()
+    n_top = min(int(gamma * n), n - keep)         # fewer outliers dropped if density leaves no room
+    sample_keys = keys_of(sample)
+
+    def blocks() -> Iterator[torch.Tensor]:
+        return (keys_of(d) for d in deltas())
+
+    outer = find_cut(blocks, sample_keys, n, n_top + keep)
+    inner = find_cut(blocks, sample_keys, n, n_top) if n_top > 0 else None
+    return RankWindow(outer, inner)
+
+
+def strided_sample(x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1)
+    return flat[::max(1, flat.numel() // _SAMPLE)]
+
+
+def materialize(plan: MaskPlan, delta: torch.Tensor) -> torch.Tensor | None:
+    """The whole mask a plan gives `delta` (for small tensors and tests)."""
+    rows = rows_of(delta)
+    plan.restart()
+    parts = [plan(rows[sl]) for sl in row_blocks(rows)]
+    if any(p is None for p in parts):
+        return None
+    return torch.cat(parts).view(delta.shape)
+
+
+def _plan_over(delta: torch.Tensor, density: float, gamma: float = 0.0) -> MaskPlan:
+    rows = rows_of(delta)
+    return magnitude_plan(lambda: (rows[sl] for sl in row_blocks(rows)), strided_sample(delta),
+                          delta.numel(), density, gamma)
+
+
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of exactly the k largest |values|; equal ones go to the lower flat index first."""
+    rows = rows_of(values)
+    cut = find_cut(lambda: (keys_of(rows[sl]) for sl in row_blocks(rows)), keys_of(strided_sample(values)),
+                   values.numel(), k)
+    return materialize(RankWindow(cut, None), values)
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
-    """TIES trim: keep the top `density` fraction of |delta|."""
-    if density >= 1:
-        return None
-    return top_k_mask(delta.abs(), keep_count(density, delta.numel()))
-
-
-def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor | None:
-    """DARE drop: keep each element independently with probability `density`."""
-    if density >= 1:
-        return None
-    if density <= 0:
-        return torch.zeros(delta.shape, dtype=torch.bool)
-    return torch.empty(delta.shape, dtype=torch.bool).bernoulli_(density, generator=generator)
+    """TIES trim of a whole tensor: keep the top `density` fraction of |delta|."""
+    return materialize(_plan_over(delta, density), delta)
 
 
 def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
-    """Breadcrumbs: drop the largest `gamma` fraction and then the smallest values, keeping
-    `density` overall. When gamma·numel < 1 no large value is dropped (the top-k survives)."""
-    if density >= 1:
-        return None
-    n = delta.numel()
-    keep = keep_count(density, n)
-    n_top = min(int(gamma * n), n - keep)     # fewer outliers dropped if density leaves no room
-    mag = delta.abs()
-    mask = top_k_mask(mag, n_top + keep)
-    if n_top > 0:
-        mask &= ~top_k_mask(mag, n_top)
-    return mask
-
-
-def rank_sampling_mask(delta: torch.Tensor, density: float, epsilon: float,
-                       generator: torch.Generator) -> torch.Tensor | None:
-    """DELLA MagPrune: per row, rank |delta| ascending, map ranks linearly onto
-    [density − ε, density + ε] and keep each element with that probability.
-
-    Rows are the last dimension of a 2-D view (1-D tensors are one row); a one-element row keeps
-    with probability `density`."""
-    if density >= 1:
-        return None
-    if density <= 0:
-        return torch.zeros(delta.shape, dtype=torch.bool)
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    n_rows, width = rows.shape
-    mask = torch.empty(rows.shape, dtype=torch.bool)
-    step = 2 * epsilon / (width - 1) if width > 1 else 0.0
-    low = density - epsilon if width > 1 else density
-    per_block = max(1, _DELLA_BLOCK // max(width, 1))
-    for r0 in range(0, n_rows, per_block):
-        block = rows[r0:r0 + per_block].abs()
-        order = torch.argsort(block, dim=1, stable=True)
-        ranks = torch.empty_like(order)
-        ranks.scatter_(1, order, torch.arange(width).expand_as(order))
-        prob = ranks.to(torch.float64).mul_(step).add_(low)
-        mask[r0:r0 + per_block] = torch.rand(prob.shape, generator=generator, dtype=torch.float64) < prob
-    return mask.view(delta.shape)
+    """Breadcrumbs mask of a whole tensor."""
+    return materialize(_plan_over(delta, density, gamma), delta)
 
 
 def l1_rescale(l1_before: float, l1_after: float) -> float:

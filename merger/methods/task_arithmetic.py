@@ -3,7 +3,8 @@
 (Davari & Belilovsky 2023, arXiv:2312.06795) and DELLA (Deep et al. 2024, arXiv:2406.11617).
 
 Each is θ_b + λ · Σ wᵢ·sᵢ·(mᵢ ⊙ Δᵢ) [÷ divisor]: a sparsifying mask mᵢ with L1 rescale sᵢ,
-optionally a TIES sign election, differing only in the mask and the defaults.
+optionally a TIES sign election, differing only in the mask and the defaults. Work is streamed
+in row blocks: besides its inputs a merge holds the output and a few block-sized temporaries.
 """
 from __future__ import annotations
 
@@ -48,63 +49,95 @@ class TaskArithmetic(MergeMethod):
 
     ModelParams = WeightDensity
 
-    def mask(self, delta: torch.Tensor, mp: BaseModel, ctx: MergeContext) -> torch.Tensor | None:
-        if self.sparsifier == "magnitude":
-            return sparsify.magnitude_mask(delta, mp.density)
+    def plan(self, deltas, sample: torch.Tensor, n: int, mp: BaseModel, ctx: MergeContext) -> sparsify.MaskPlan:
+        """How model `mp`'s task vector is thinned; `deltas()` streams its row blocks."""
+        if mp.density >= 1:
+            return sparsify.MaskPlan()
+        if mp.density <= 0:
+            return sparsify.DropAll()
+        if self.sparsifier in ("magnitude", "outliers"):
+            gamma = mp.gamma if self.sparsifier == "outliers" else 0.0
+            return sparsify.magnitude_plan(deltas, sample, n, mp.density, gamma)
+        # Each model's mask gets its own generator, seeded from the merge's in model order, so the
+        # same mask can be drawn again block by block.
+        seed = int(torch.randint(0, 2**62, (), generator=ctx.generator))
         if self.sparsifier == "random":
-            return sparsify.random_mask(delta, mp.density, ctx.generator)
-        if self.sparsifier == "outliers":
-            return sparsify.outlier_mask(delta, mp.density, mp.gamma)
-        return sparsify.rank_sampling_mask(delta, mp.density, mp.epsilon, ctx.generator)
+            return sparsify.RandomKeep(mp.density, seed)
+        return sparsify.RankKeep(mp.density, mp.epsilon, seed)
+
+    def _prepare(self, tensors, base, params, model_params, ctx):
+        """Pass A: per model, its mask plan and L1 rescale factor (streamed, nothing kept)."""
+        rows_b = sparsify.rows_of(base)
+        rows_t = [sparsify.rows_of(t) for t in tensors]
+        blocks = sparsify.row_blocks(rows_b)
+        plans, scales = [], []
+        for t, rows, mp in zip(tensors, rows_t, model_params):
+            def deltas(rows=rows):
+                return (rows[sl] - rows_b[sl] for sl in blocks)
+            sample = sparsify.strided_sample(t) - sparsify.strided_sample(base)
+            plan = self.plan(deltas, sample, base.numel(), mp, ctx)
+            scale = 1.0
+            if params.rescale and type(plan) is not sparsify.MaskPlan:
+                before = after = 0.0
+                plan.restart()
+                for d in deltas():
+                    before += l1_norm(d)
+                    after += l1_norm(d.mul_(plan(d)))
+                scale = sparsify.l1_rescale(before, after)
+            plans.append(plan)
+            scales.append(scale)
+        return rows_b, rows_t, blocks, plans, scales
+
+    def masks(self, tensors, base, params, model_params, ctx: MergeContext) -> list[torch.Tensor | None]:
+        """Each model's whole mask (None: keeps everything), as `merge` with the same ctx draws it."""
+        *_, plans, _ = self._prepare(tensors, base, params, model_params, ctx)
+        return [sparsify.materialize(p, t - base) for p, t in zip(plans, tensors)]
 
     def merge(self, tensors, base, params, model_params, ctx: MergeContext) -> torch.Tensor:
-        # Pass 1: thin and rescale each task vector, one at a time, into `acc` (the weighted sum,
-        # which is also the TIES election). Only the bool masks are kept, never N full deltas.
+        rows_b, rows_t, blocks, plans, scales = self._prepare(tensors, base, params, model_params, ctx)
+        weights = [mp.weight for mp in model_params]
+        total = sum(weights)
         # Half-precision inputs accumulate in float32: one rounding at the end, not one per model.
         work = torch.float32 if base.dtype in (torch.bfloat16, torch.float16) else base.dtype
-        acc = torch.zeros(base.shape, dtype=work)
-        masks: list[torch.Tensor | None] = []
-        scales: list[float] = []
-        for t, mp in zip(tensors, model_params):
-            delta = t - base
-            mask = self.mask(delta, mp, ctx)
-            scale = 1.0
-            if mask is not None:
-                before = l1_norm(delta) if params.rescale else 0.0
-                delta.mul_(mask)
-                if params.rescale:
-                    scale = sparsify.l1_rescale(before, l1_norm(delta))
-            acc.add_(delta, alpha=mp.weight * scale)
-            masks.append(mask)
-            scales.append(scale)
-            del delta
-        if not self.elect_sign:
-            if params.normalize:
-                total = sum(mp.weight for mp in model_params)
+        out = torch.empty_like(base)
+        rows_out = sparsify.rows_of(out)
+        for p in plans:
+            p.restart()
+        # Pass B, block by block: every temporary is one block, never a whole tensor.
+        for sl in blocks:
+            b = rows_b[sl]
+            kept = []
+            for rows, plan in zip(rows_t, plans):
+                d = rows[sl] - b
+                m = plan(d)
+                kept.append(d if m is None else d.mul_(m))
+            acc = torch.zeros(b.shape, dtype=work)
+            for w, s, d in zip(weights, scales, kept):
+                acc.add_(d, alpha=w * s)
+            if self.elect_sign:
+                acc = self._elect(acc, kept, weights, scales, params.normalize)
+            elif params.normalize:
                 acc.div_(total if abs(total) >= 1e-8 else 1.0)
-            return acc.mul_(params.lambda_).add_(base).to(base.dtype)
+            rows_out[sl] = acc.mul_(params.lambda_).add_(b)
+        return out
 
-        # Pass 2 (TIES): majority sign = sign of the weighted sum (>= 0 counts as +); an entry of
-        # model i agrees when sign(wᵢ·Δᵢ) equals it, so trimmed (zero) entries never count.
+    @staticmethod
+    def _elect(acc, kept, weights, scales, normalize: bool) -> torch.Tensor:
+        """TIES: majority sign = sign of the weighted sum (>= 0 counts as +); an entry of model i
+        agrees when sign(wᵢ·Δᵢ) equals it, so trimmed (zero) entries never count."""
         positive = acc >= 0
         out = acc.zero_()
-        divisor = torch.zeros_like(acc) if params.normalize else None
-        for t, mp, mask, scale in zip(tensors, model_params, masks, scales):
-            if mp.weight == 0:
+        divisor = torch.zeros_like(acc) if normalize else None
+        for w, s, d in zip(weights, scales, kept):
+            if w == 0:
                 continue
-            delta = t - base
-            if mask is not None:
-                delta.mul_(mask)
-            want_positive = positive if mp.weight > 0 else ~positive
-            agree = torch.where(want_positive, delta > 0, delta < 0)
-            delta.mul_(agree)
-            out.add_(delta, alpha=mp.weight * scale)
+            agree = torch.where(positive if w > 0 else ~positive, d > 0, d < 0)
+            out.add_(d.mul_(agree), alpha=w * s)
             if divisor is not None:
-                divisor.add_(agree, alpha=mp.weight)
-            del delta, agree
+                divisor.add_(agree, alpha=w)
         if divisor is not None:
             out.div_(divisor.masked_fill_(divisor == 0, 1.0))
-        return out.mul_(params.lambda_).add_(base).to(base.dtype)
+        return out
 
 
 class Ties(TaskArithmetic):
