@@ -197,11 +197,14 @@ def card_text(dst: Path, data: dict[str, Any], recipe_text: str, title: str,
               paths: dict[str, Path] | None, base_dir: str | None) -> str:
     refs = recipe_refs(data)
     models = [r for r in refs if r not in (data.get("plugins") or [])]
-    hub = hub_inputs(models, paths, base_dir)
-    licenses = {input_license(paths[r]) for r in models if r in paths} if paths else {None}
-    license = licenses.pop() if len(licenses) == 1 else None
     existing = _read(dst / CARD_NAME)
     meta, body = split_front_matter(existing) if existing is not None else (None, None)
+    # A card merger finished at build time was classified where the inputs resolved: publishing
+    # (no paths) from another working folder must not turn local `models/x` into Hub ids.
+    finished = paths is None and meta is not None and "merger" in (meta.get("tags") or [])
+    hub = {} if finished else hub_inputs(models, paths, base_dir)
+    licenses = {input_license(paths[r]) for r in models if r in paths} if paths else {None}
+    license = licenses.pop() if len(licenses) == 1 else None
     if body is None:
         body = card_body(data, recipe_text, title, hub, paths)
     text = with_front_matter(existing if existing is not None else "\n" + body,

@@ -263,6 +263,23 @@ def test_moe_from_repo_ids_pushed_with_its_own_card(hub, hub_models, tmp_path):
     assert "composed with merger" not in body and "org/ft-b" in body and "random" in body
 
 
+def test_publish_from_elsewhere_keeps_local_inputs_local(hub, tiny_models, tmp_path, monkeypatch):
+    """Relative references like `models/base` look like repo ids; the card written at build time
+    (where they resolved locally) is published as it is, from any working folder."""
+    (tmp_path / "models").mkdir()
+    for key in ("base", "ft_a", "ft_b"):
+        (tmp_path / "models" / key).symlink_to(tiny_models[key])
+    out = tmp_path / "merged"
+    assert build(task_arithmetic("models/base", "models/ft_a", "models/ft_b"), out).exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert runner.invoke(app, ["publish", str(out), "org/merged"]).exit_code == 0
+    card = hub.state.files("org/merged")["README.md"].data
+    assert card == (out / "README.md").read_bytes()
+    assert "base_model" not in split_front_matter(card.decode())[0]
+
+
 def test_publish_fixes_the_front_matter_of_a_foreign_card(hub, tiny_models, tmp_path):
     """A folder whose README.md lacks the front matter (a hand-written card) and whose saved
     recipe holds absolute paths: the upload keeps the card's body, adds the metadata, scrubs."""
@@ -393,7 +410,8 @@ def test_model_card_of_an_moe_keeps_its_body(tmp_path, tiny_models):
         "experts": [{"source_model": "org/ft-a"}, {"source_model": str(tiny_models["ft_b"])}]}))
     body = f"\n# My MoE\n\nExperts: org/ft-a and `{tiny_models['ft_b']}`.\n"
     (out / "README.md").write_text("---\ntags: [merge, moe, merger]\n---\n" + body)
-    paths = {"org/base": tiny_models["base"], "org/ft-a": tiny_models["ft_a"], str(tiny_models["ft_b"]): tiny_models["ft_b"]}
+    paths = {"org/base": tiny_models["base"], "org/ft-a": tiny_models["ft_a"],
+             str(tiny_models["ft_b"]): tiny_models["ft_b"]}
     finish_card(out, "moe", paths, str(tmp_path))
     first = (out / "README.md").read_bytes()
     meta, new_body = split_front_matter(first.decode())

@@ -168,7 +168,7 @@ def _check_snapshot(reference: str, folder: Path, allow_pickle: bool) -> None:
     if pickles:
         raise HubError(f"model {reference!r}: only pickle weights ({', '.join(pickles[:3])}); "
                        f"pass --allow-pickle to load them with torch.load(weights_only=True)")
-    raise HubError(f"model {reference!r}: no *.safetensors weights in {folder.name if folder.is_dir() else 'the repo'}; "
+    raise HubError(f"model {reference!r}: no *.safetensors weights were found in the repository; "
                    f"choose a repo or revision with safetensors")
 
 
@@ -224,8 +224,9 @@ def hub_failure(e: Exception, what: str, repo_id: str, revision: str | None, end
         return HubError(f"{what}: no local folder or Hub repository {repo_id} on {endpoint}; check the "
                         f"path or repo id (private repos need a token: {login})")
     if isinstance(e, hfe.HfHubHTTPError) and status in (401, 403):
+        access = "write access" if what.startswith("publish") else f"access to {repo_id}"
         return HubError(f"{what}: {endpoint} refused the credentials (HTTP {status}); "
-                        f"{login} with a token that has write access")
+                        f"{login} with a token that has {access}")
     if isinstance(e, hfe.HfHubHTTPError):
         detail = (getattr(e, "server_message", "") or "").splitlines()
         return HubError(f"{what}: {endpoint} answered HTTP {status} for {repo_id}"
