@@ -111,27 +111,31 @@ class TaskArithmetic(MergeMethod):
                 d = rows[sl] - b
                 m = plan(d)
                 kept.append(d if m is None else d.mul_(m))
-            acc = torch.zeros(b.shape, dtype=work)
-            for w, s, d in zip(weights, scales, kept):
+            acc = kept[0].to(work, copy=True).mul_(weights[0] * scales[0])
+            for w, s, d in zip(weights[1:], scales[1:], kept[1:]):
                 acc.add_(d, alpha=w * s)
             if self.elect_sign:
                 acc = self._elect(acc, kept, weights, scales, params.normalize)
             elif params.normalize:
                 acc.div_(total if abs(total) >= 1e-8 else 1.0)
-            rows_out[sl] = acc.mul_(params.lambda_).add_(b)
+            if params.lambda_ != 1:
+                acc.mul_(params.lambda_)
+            rows_out[sl] = acc.add_(b)
         return out
 
     @staticmethod
     def _elect(acc, kept, weights, scales, normalize: bool) -> torch.Tensor:
         """TIES: majority sign = sign of the weighted sum (>= 0 counts as +); an entry of model i
         agrees when sign(wᵢ·Δᵢ) equals it, so trimmed (zero) entries never count."""
-        positive = acc >= 0
+        elected = torch.where(acc >= 0, 1.0, -1.0).to(kept[0].dtype)
         out = acc.zero_()
         divisor = torch.zeros_like(acc) if normalize else None
         for w, s, d in zip(weights, scales, kept):
             if w == 0:
                 continue
-            agree = torch.where(positive if w > 0 else ~positive, d > 0, d < 0)
+            # d·elected > 0 exactly when d's sign is the elected one (zeros never agree); flipped for w < 0.
+            agree = torch.mul(d, elected)
+            agree = agree > 0 if w > 0 else agree < 0
             out.add_(d.mul_(agree), alpha=w * s)
             if divisor is not None:
                 divisor.add_(agree, alpha=w)
