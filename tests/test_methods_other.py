@@ -120,3 +120,14 @@ def test_nearswap(t):
 def test_nearswap_threshold_must_be_positive():
     with pytest.raises(ValueError):
         method("nearswap").Params(t=0)
+
+
+@pytest.mark.parametrize("topk", [1.0, 0.3])
+def test_sce_streamed_in_many_blocks(topk, monkeypatch):
+    from merger.methods import sparsify
+
+    monkeypatch.setattr(sparsify, "BLOCK", 40)  # two rows per block
+    base, ts = family(9, 3)
+    cls = method("sce")
+    got = cls().merge(ts, base, cls.Params(select_topk=topk), [NoParams()] * 3, ctx())
+    assert_close(got.double(), np_sce(ts, base, topk), rtol=1e-5, atol=1e-5)
