@@ -119,14 +119,17 @@ def test_rank_sampling_probability_follows_rank():
     perm = torch.argsort(torch.rand(rows, width, generator=g), dim=1)
     signs = torch.where(torch.rand(rows, width, generator=g) < 0.5, -1.0, 1.0)
     d = (perm + 1).float() * signs
-    m = sparsify.materialize(sparsify.RankKeep(density, eps, 8), d)
+    m = sparsify.materialize(sparsify.RankKeep(density, eps, 8, rows=rows), d)
     for r in range(width):
         freq = m[perm == r].float().mean().item()
         want = density - eps + 2 * eps * r / (width - 1)
         assert abs(freq - want) < 0.03, (r, freq, want)  # σ ≈ 0.0065
-    assert torch.equal(m, sparsify.materialize(sparsify.RankKeep(density, eps, 8), d))
+    assert torch.equal(m, sparsify.materialize(sparsify.RankKeep(density, eps, 8, rows=rows), d))
+    plan = sparsify.RankKeep(density, eps, 8, rows=rows)
+    first = sparsify.materialize(plan, d).clone()
+    assert torch.equal(first, m) and torch.equal(sparsify.materialize(plan, d), m)  # a second pass replays
     # A one-element row keeps with probability density.
-    one = sparsify.materialize(sparsify.RankKeep(0.4, 0.2, 9), torch.ones(40_000, 1))
+    one = sparsify.materialize(sparsify.RankKeep(0.4, 0.2, 9, rows=40_000), torch.ones(40_000, 1))
     assert abs(one.float().mean().item() - 0.4) < 0.015
 
 

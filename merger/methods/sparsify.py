@@ -163,11 +163,29 @@ class RankKeep(RandomKeep):
     onto [density − ε, density + ε] and keep each entry with that probability. A one-entry row
     keeps with probability `density`."""
 
-    def __init__(self, density: float, epsilon: float, seed: int):
+    def __init__(self, density: float, epsilon: float, seed: int, rows: int):
         self.epsilon = epsilon
+        # Ranking needs a sort per row, the costliest step of any mask here; the first pass keeps
+        # its draws (one byte per entry, one allocation) and later passes replay them.
+        self.rows, self.drawn, self.done, self.at = rows, None, False, 0
         super().__init__(density, seed)
 
+    def restart(self) -> None:
+        super().restart()
+        self.done = self.done or self.at > 0
+        self.at = 0
+
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        r0, self.at = self.at, self.at + delta.shape[0]
+        if self.done:
+            return self.drawn[r0:self.at]
+        if self.drawn is None:
+            self.drawn = torch.empty((self.rows, delta.shape[1]), dtype=torch.bool)
+        mask = self.drawn[r0:self.at]
+        mask.copy_(self._draw(delta))
+        return mask
+
+    def _draw(self, delta: torch.Tensor) -> torch.Tensor:
         width = delta.shape[1]
         order = torch.argsort(delta.abs(), dim=1, stable=True)
         ranks = torch.empty_like(order).scatter_(1, order, torch.arange(width).expand_as(order))

@@ -49,21 +49,22 @@ class TaskArithmetic(MergeMethod):
 
     ModelParams = WeightDensity
 
-    def plan(self, deltas, sample: torch.Tensor, n: int, mp: BaseModel, ctx: MergeContext) -> sparsify.MaskPlan:
-        """How model `mp`'s task vector is thinned; `deltas()` streams its row blocks."""
+    def plan(self, deltas, sample: torch.Tensor, rows: tuple[int, int], mp: BaseModel,
+             ctx: MergeContext) -> sparsify.MaskPlan:
+        """How model `mp`'s task vector is thinned; `deltas()` streams its `rows` view in blocks."""
         if mp.density >= 1:
             return sparsify.MaskPlan()
         if mp.density <= 0:
             return sparsify.DropAll()
         if self.sparsifier in ("magnitude", "outliers"):
             gamma = mp.gamma if self.sparsifier == "outliers" else 0.0
-            return sparsify.magnitude_plan(deltas, sample, n, mp.density, gamma)
+            return sparsify.magnitude_plan(deltas, sample, rows[0] * rows[1], mp.density, gamma)
         # Each model's mask gets its own generator, seeded from the merge's in model order, so the
         # same mask can be drawn again block by block.
         seed = int(torch.randint(0, 2**62, (), generator=ctx.generator))
         if self.sparsifier == "random":
             return sparsify.RandomKeep(mp.density, seed)
-        return sparsify.RankKeep(mp.density, mp.epsilon, seed)
+        return sparsify.RankKeep(mp.density, mp.epsilon, seed, rows=rows[0])
 
     def _prepare(self, tensors, base, params, model_params, ctx):
         """Pass A: per model, its mask plan and L1 rescale factor (streamed, nothing kept)."""
@@ -75,7 +76,7 @@ class TaskArithmetic(MergeMethod):
             def deltas(rows=rows):
                 return (rows[sl] - rows_b[sl] for sl in blocks)
             sample = sparsify.strided_sample(t) - sparsify.strided_sample(base)
-            plan = self.plan(deltas, sample, base.numel(), mp, ctx)
+            plan = self.plan(deltas, sample, tuple(rows_b.shape), mp, ctx)
             scale = 1.0
             if params.rescale and type(plan) is not sparsify.MaskPlan:
                 before = after = 0.0
