@@ -437,3 +437,10 @@ def test_cuda_device_without_cuda_is_a_user_error(models):
         pytest.skip("CUDA is present")
     with pytest.raises(MergerError, match="CUDA is not available"):
         load_model(models["llama"], device="cuda")
+
+
+def test_unsupported_dtype_is_an_engine_error(models):
+    from merger.engine.model import EngineError
+
+    with pytest.raises(EngineError, match="float64 is not supported"):
+        load_model(models["llama"], dtype=torch.float64)

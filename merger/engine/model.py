@@ -19,7 +19,11 @@ from merger.engine.moe import FeedForward, MoEFeedForward
 from merger.errors import CheckpointError, MergerError
 
 
-class ContextError(MergerError):
+class EngineError(MergerError):
+    """The engine cannot run this request as asked (dtype, device)."""
+
+
+class ContextError(EngineError):
     """The input does not fit the model's context (max_position_embeddings) or the KV cache."""
 
 
@@ -33,10 +37,10 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str =
     path = Path(path)
     _, cfg = load_model_config(path)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise MergerError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        raise EngineError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     dtype = dtype or cfg.torch_dtype
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise MergerError(f"dtype {dtype} is not supported by the engine; use float32, bfloat16 or float16")
+        raise EngineError(f"dtype {dtype} is not supported by the engine; use float32, bfloat16 or float16")
     with torch.device("meta"):
         model = Transformer(cfg)
     try:
