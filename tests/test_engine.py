@@ -108,6 +108,21 @@ def test_logits_and_greedy_tokens_match_transformers(models, name):
     assert new == ref_new.tolist()
 
 
+def test_transformers5_stacked_expert_layout_loads_too(tmp_path, models):
+    # transformers 5 keeps experts as mlp.experts.gate_up_proj [E, 2F, D] / down_proj [E, D, F] in
+    # memory; a checkpoint saved straight from its state_dict has those names
+    from safetensors.torch import save_file
+
+    ref = _hf(models["mixtral"])
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_bytes((models["mixtral"] / "config.json").read_bytes())
+    with torch.no_grad():
+        expect = ref(PROMPT).logits
+    assert_close(load_model(tmp_path)(PROMPT), expect, atol=1e-4, rtol=1e-4)
+
+
 def test_tied_checkpoint_shares_the_embedding_and_is_sharded(models):
     path = models["tied_sharded_llama3"]
     assert (path / "model.safetensors.index.json").is_file()
