@@ -81,6 +81,8 @@ def recipe(method: str, models: list[Path]) -> dict:
         r = {"merge_method": method, "base_model": base, "models": entries}
     else:
         r = {"merge_method": method, "models": [{"model": m, "parameters": {"weight": 1 / 3}} for m in (base, *fts)]}
+    if method == "karcher":
+        r["models"] = [{"model": e["model"]} for e in r["models"]]
     if method in ("slerp", "nearswap"):
         r["models"] = r["models"][:1]
     if method == "nuslerp":

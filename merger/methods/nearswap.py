@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from merger.methods import sparsify
 from merger.methods.base import MergeContext, MergeMethod
 
 
@@ -29,8 +30,12 @@ class NearSwap(MergeMethod):
             raise ValueError(f"nearswap merges exactly 2 models (base_model and one other), got {n + 1}")
 
     def merge(self, tensors, base, params, model_params, ctx: MergeContext) -> torch.Tensor:
-        diff = tensors[0] - base
-        w = diff.abs()
-        # Where the models agree exactly (|diff| = 0) the weight is 1; the result is the same value.
-        w = torch.where(w == 0, 1.0, torch.clamp(params.t / w, 0.0, 1.0))
-        return diff.mul_(w).add_(base)
+        out = torch.empty_like(base)
+        rows_b, rows_t, rows_out = (sparsify.rows_of(x) for x in (base, tensors[0], out))
+        for sl in sparsify.row_blocks(rows_b):   # block-sized temporaries only
+            diff = rows_t[sl] - rows_b[sl]
+            w = diff.abs()
+            # Where the models agree exactly (|diff| = 0) the weight is 1; the result is the same value.
+            w = torch.where(w == 0, 1.0, torch.clamp(params.t / w, 0.0, 1.0))
+            rows_out[sl] = diff.mul_(w).add_(rows_b[sl])
+        return out
