@@ -231,14 +231,8 @@ def markdown_table(rows: list[dict[str, str]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-@app.command()
-@user_errors
-def methods(markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,
-            plugin: PluginOpt = None) -> None:
-    """List registered merge methods and their parameters."""
-    _load_plugin_files(plugin)
-    rows = method_rows()
-    cols = ["name", "parameters", "per-model", "base_model", "reference"]
+def show_registry(rows: list[dict[str, str]], cols: list[str], markdown: bool) -> None:
+    """A registry listing: Markdown (the README's tables) or a terminal table with the plugin column."""
     if markdown:
         typer.echo(markdown_table(rows, cols))
         return
@@ -248,6 +242,15 @@ def methods(markdown: Annotated[bool, typer.Option("--markdown", help="Print a M
     for r in rows:
         table.add_row(*(r[c] for c in cols), r["plugin"])
     print_table(table)
+
+
+@app.command()
+@user_errors
+def methods(markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,
+            plugin: PluginOpt = None) -> None:
+    """List registered merge methods and their parameters."""
+    _load_plugin_files(plugin)
+    show_registry(method_rows(), ["name", "parameters", "per-model", "base_model", "reference"], markdown)
 
 
 def gate_rows() -> list[dict[str, str]]:
@@ -263,17 +266,7 @@ def gates(markdown: Annotated[bool, typer.Option("--markdown", help="Print a Mar
           plugin: PluginOpt = None) -> None:
     """List registered MoE gate initializers (recipe `gate_mode`)."""
     _load_plugin_files(plugin)
-    rows = gate_rows()
-    cols = ["name", "prompts", "parameters", "description"]
-    if markdown:
-        typer.echo(markdown_table(rows, cols))
-        return
-    from rich.table import Table
-
-    table = Table(*cols, "plugin")
-    for r in rows:
-        table.add_row(*(r[c] for c in cols), r["plugin"])
-    print_table(table)
+    show_registry(gate_rows(), ["name", "prompts", "parameters", "description"], markdown)
 
 
 @app.command("plugins")
