@@ -250,15 +250,19 @@ def test_bf16_model_tracks_the_fp32_model(models):
 
 
 @pytest.mark.parametrize("rows", [1, 5, 8, 40])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_linear_paths_equal_float_math(rows, dtype):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_linear_paths_equal_float64_math(rows, dtype):
     g = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 3000, generator=g).to(dtype)     # 3000 columns: several upcast blocks
+    x = torch.randn(rows, 3000, generator=g).to(dtype)     # 3000 columns, 700 rows: several weight blocks
     w, b = torch.randn(700, 3000, generator=g).to(dtype), torch.randn(700, generator=g).to(dtype)
-    ref = (x.double() @ w.double().t() + b.double()).to(dtype)
+    ref = x.double() @ w.double().t() + b.double()
     out = linear(x.view(1, rows, 3000), w, b)
-    assert out.shape == (1, rows, 700) and out.dtype == dtype
-    assert_close(out[0].float(), ref.float(), atol=0.5, rtol=2e-2)
+    assert out.shape == (1, rows, 700) and out.dtype == dtype and out.is_contiguous()
+    if dtype == torch.float32:
+        assert_close(out[0].double(), ref, atol=1e-3, rtol=1e-5)
+    else:  # within one rounding of the exact result in the output dtype
+        assert_close(out[0].float(), ref.to(dtype).float(), atol=0.5, rtol=2e-2)
+    assert_close(linear(x, w, b, out_dtype=torch.float32), ref.float(), atol=0.5, rtol=2e-2)
 
 
 # --- generation, sampling, tokenizer ------------------------------------------------------------
