@@ -1,5 +1,6 @@
 """`merger demo`: the whole pipeline offline on tiny seeded checkpoints — write a base and three
-fine-tunes, then build every recipe in recipes/ against them."""
+fine-tunes, build every recipe in recipes/ against them, show the demo MoE's routing, and
+generate from it with the bundled engine (the tiny models are random: expect gibberish)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,4 +49,11 @@ def run_demo(root: Path, recipes: Path | None = None, echo=print) -> list[Path]:
         from merger.moe.route import format_report, route_report
 
         echo(f"routing in {moe_out}:\n" + format_report(route_report(moe_out, list(ROUTE_PROMPTS))))
+        from merger.engine.generate import generate
+        from merger.engine.model import load_model
+        from merger.engine.tokenizer import load_tokenizer
+
+        res = generate(load_model(moe_out), load_tokenizer(moe_out), ROUTE_PROMPTS[1], max_new_tokens=24)
+        echo(f"generate (greedy, 24 tokens) from {moe_out}: {ROUTE_PROMPTS[1]!r} -> {res.text!r} "
+             f"[{res.decode_tokens_per_s:.0f} tokens/s]")
     return outs
