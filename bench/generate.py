@@ -2,9 +2,11 @@
 a Mixtral-layout MoE made of it (each expert = the dense MLP plus seeded noise), bf16 and fp32, batch 1.
 
 Prints prefill and decode tokens/s of both, the ratios, end-to-end time, and the memory-bandwidth floor
-of decode (bytes of weights one token reads / a read bandwidth measured here).
-    python3 bench/generate.py                    # hidden 2048, 6 layers, 4 experts top-2
-    python3 bench/generate.py --hidden 1024 --layers 4 --models dense --dtypes bfloat16
+of decode (bytes of weights one token reads / a read bandwidth measured here). Decode is memory-bound in
+both engines, so the end-to-end ratio depends on the mix of --prompt-tokens and --new-tokens. In bf16 the
+two engines round differently, and a random model's near-tied logits then pick different greedy tokens.
+    python3 bench/generate.py                    # hidden 2048, 6 layers, 4 experts top-2, 128 + 32 tokens
+    python3 bench/generate.py --hidden 1024 --intermediate 2816 --layers 8 --prompt-tokens 512
 """
 from __future__ import annotations
 
