@@ -3,8 +3,7 @@ load_model -> Transformer -> Block -> Attention / FeedForward / MoEFeedForward -
 
 Built on the meta device, then the checkpoint's tensors are assigned in (no second copy).
 """
-# Shapes: B = batch, T = tokens in this call, S = key positions, H = heads, K = kv heads,
-#         Dh = head dim, D = hidden, V = vocab, L = layers
+# Shapes: B = batch, T = tokens, S = key positions, H = heads, K = kv heads, Dh = head dim, D = hidden, V = vocab
 from __future__ import annotations
 
 from pathlib import Path
