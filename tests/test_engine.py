@@ -322,7 +322,8 @@ def test_tokenizer_encode_decode_chat_template_and_eos(models):
 def test_chat_template_from_jinja_file_and_eos_list(tmp_path, models):
     for f in ("tokenizer.json", "tokenizer_config.json", "config.json"):
         (tmp_path / f).write_bytes((models["llama"] / f).read_bytes())
-    (tmp_path / "chat_template.jinja").write_text("{{ bos_token }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    template = "{{ bos_token }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    (tmp_path / "chat_template.jinja").write_text(template)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
     tok = load_tokenizer(tmp_path)
     assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "<s>[x]"
