@@ -142,6 +142,21 @@ def test_kv_cache_decode_equals_full_forward(models, name):
     assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_bf16_decode_with_its_float32_cache_tracks_the_bf16_full_forward(models):
+    from merger.engine.matmul import slow_half
+
+    model = load_model(models["llama"], dtype=torch.bfloat16)
+    seq = torch.randint(3, VOCAB, (1, 24), generator=torch.Generator().manual_seed(2))
+    full = model(seq)
+    model.setup_cache(1, 24)
+    expect_dtype = torch.float32 if slow_half(torch.bfloat16, torch.device("cpu")) else torch.bfloat16
+    assert model.cache[0].k.dtype == expect_dtype
+    steps = torch.cat([model(seq[:, :10], start_pos=0)] + [model(seq[:, i:i + 1], start_pos=i) for i in range(10, 24)],
+                      dim=1)
+    assert (steps - full).abs().max() < 0.05 * full.abs().max()
+    assert (steps.argmax(-1) == full.argmax(-1)).float().mean() >= 0.9
+
+
 def _reference_moe(x, router, w13, w2, top_k, normalize):
     """Token by token, slot by slot, in float64: the formula the routing paths must reproduce."""
     x, router, w13, w2 = (t.double() for t in (x, router, w13, w2))

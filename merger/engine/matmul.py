@@ -27,11 +27,16 @@ def _native_half(dtype: torch.dtype) -> bool:
         return False
 
 
+def slow_half(dtype: torch.dtype, device: torch.device) -> bool:
+    """True for bf16/fp16 on a CPU without native half-precision math (there, compute in float32)."""
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not _native_half(dtype)
+
+
 def use_blocked(x: torch.Tensor) -> bool:
     """True when a matmul of `x` (rows = all leading dims) should take the blocked float32 path."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    if x.dtype != torch.float32 and _native_half(x.dtype):
+    if x.dtype != torch.float32 and not slow_half(x.dtype, x.device):
         return False  # AMX / AVX512-BF16 machines: oneDNN's own half GEMM is the fast one
     return x.numel() // max(x.shape[-1], 1) >= BLOCKED_MIN_ROWS
 

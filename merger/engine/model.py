@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from merger.engine.config import ModelConfig, load_model_config, rope_inv_freq
-from merger.engine.matmul import linear
+from merger.engine.matmul import linear, slow_half
 from merger.engine.moe import FeedForward, MoEFeedForward
 from merger.errors import CheckpointError, MergerError
 
@@ -89,7 +89,10 @@ class Transformer(nn.Module):
             raise ContextError(f"{max_len} positions exceed the model's context "
                                f"(max_position_embeddings {cfg.max_position_embeddings} in config.json)")
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.cache = [KVCache(shape, self.dtype, self.device) for _ in self.layers]
+        # bf16 K/V are exact in float32, and one-query attention over a float32 cache runs 3-8x faster
+        # on CPUs without native bf16 (measured: 80-2000 keys, AVX2); the cost is 2x the cache memory
+        dtype = torch.float32 if slow_half(self.dtype, self.device) else self.dtype
+        self.cache = [KVCache(shape, dtype, self.device) for _ in self.layers]
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, start_pos: int | None = None, last_only: bool = False,
@@ -185,6 +188,7 @@ class Attention(nn.Module):
         v = qkv[:, :, self.n_heads + self.n_kv:].transpose(1, 2)                # [B, K, T, Dh]
         if cache is not None:
             k, v = cache.update(start, k, v)                                    # [B, K, S, Dh], S = start+T
+            q = q.to(k.dtype)  # float32 when the cache is (see setup_cache)
         mask = masks.get(self.window)
         if n == 1 and self.window is not None and k.shape[2] > self.window:
             # one query: the window is just the last `window` keys, no mask needed
@@ -192,7 +196,7 @@ class Attention(nn.Module):
         causal = mask is None and n > 1
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            scale=hd ** -0.5, enable_gqa=self.n_heads != self.n_kv)
-        o = o.transpose(1, 2).reshape(bsz, n, self.n_heads * hd)                # [B, T, H*Dh]
+        o = o.transpose(1, 2).reshape(bsz, n, self.n_heads * hd).to(x.dtype)    # [B, T, H*Dh]
         return linear(o, self.wo, self.bo)
 
 
