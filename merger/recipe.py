@@ -267,13 +267,17 @@ def _cross_check(model: type[BaseModel], values: dict[str, Any], where: str) -> 
             raise RecipeError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
+def unknown_name(path: str | Path, field: str, kind: str, name: str, registry: dict[str, type]) -> RecipeError:
+    """The error for a name no plugin registered, listing the registered ones."""
+    return RecipeError(f"{path}: {field}: unknown {kind} {name!r}; registered: {', '.join(sorted(registry))} "
+                       f"(a plugin's {kind} needs its package installed, or its .py file under `plugins:`)")
+
+
 def validate_merge_recipe(recipe: MergeRecipe, path: str | Path) -> None:
     """Check the method, its parameter names and values, model counts and the base, by YAML path."""
     registry = plugins.methods()
     if recipe.merge_method not in registry:
-        raise RecipeError(f"{path}: merge_method: unknown method {recipe.merge_method!r}; "
-                          f"registered: {', '.join(sorted(registry))} (a plugin's method needs its package "
-                          f"installed, or its .py file under `plugins:`)")
+        raise unknown_name(path, "merge_method", "method", recipe.merge_method, registry)
     method = registry[recipe.merge_method]
     gfields, mfields = _fields(method.Params), _fields(method.ModelParams)
 

@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 from merger import synth
 from merger.cli import app
 
+from cli_checks import assert_one_line_error
+
 runner = CliRunner()
 
 
@@ -22,17 +24,6 @@ def run_build(tmp_path: Path, recipe: dict | str, *extra: str) -> tuple[int, str
     out = tmp_path / "out"
     res = runner.invoke(app, ["build", str(path), str(out), "-q", *extra])
     return res.exit_code, res.stderr, out
-
-
-def assert_one_line_error(code: int, err: str, out: Path, *needles: str) -> None:
-    assert code == 1, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if "merger-tmp" in p.name]
 
 
 def lin(*models: Path, **params) -> dict:

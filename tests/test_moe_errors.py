@@ -15,6 +15,8 @@ from merger import GateInitializer, hookimpl, plugins, synth
 from merger.cli import app
 from merger.io.checkpoint import Checkpoint
 
+from cli_checks import assert_one_line_error
+
 runner = CliRunner()
 CODE, STORY = ["def add(a, b):"], ["Once upon a time"]
 
@@ -40,17 +42,6 @@ def run_build(tmp_path: Path, recipe: dict, *extra: str) -> tuple[int, str, Path
     out = tmp_path / "out"
     res = runner.invoke(app, ["build", str(path), str(out), "-q", *extra])
     return res.exit_code, res.stderr, out
-
-
-def assert_one_line_error(code: int, err: str, out: Path, *needles: str) -> None:
-    assert code == 1, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if "merger-tmp" in p.name]
 
 
 def recipe(m: dict[str, Path], **changes) -> dict:

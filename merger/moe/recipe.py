@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from merger import plugins
 from merger.errors import RecipeError
 from merger.io.dtypes import parse_dtype
-from merger.recipe import parse_model
+from merger.recipe import parse_model, unknown_name
 
 # Output layouts we write; mergekit-moe's `architecture:` picks one by name prefix.
 ARCHITECTURES = {"mixtral": "mixtral", "qwen": "qwen2_moe", "qwen moe": "qwen2_moe", "qwen2_moe": "qwen2_moe",
@@ -113,9 +113,7 @@ def load_moe_recipe(data: dict[str, Any], path: str | Path) -> MoERecipe:
 def validate_moe_recipe(recipe: MoERecipe, path: str | Path) -> None:
     registry = plugins.gate_initializers()
     if recipe.gate_mode not in registry:
-        raise RecipeError(f"{path}: gate_mode: unknown gate initializer {recipe.gate_mode!r}; "
-                          f"registered: {', '.join(sorted(registry))} (a plugin's gate initializer needs its "
-                          f"package installed, or its .py file under `plugins:`)")
+        raise unknown_name(path, "gate_mode", "gate initializer", recipe.gate_mode, registry)
     gate = registry[recipe.gate_mode]
     try:
         gate.Params.model_validate(recipe.gate_parameters)
