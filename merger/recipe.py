@@ -3,10 +3,10 @@ value against the plugin registries before any tensor is read. Errors carry the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from merger import plugins
 from merger.errors import PluginError, RecipeError
@@ -54,6 +54,14 @@ def candidate_values(value: Any) -> list[Any]:
 
 
 Params = dict[str, Any]
+
+
+def _check_dtype(v: str) -> str:
+    parse_dtype(v)  # ValueError names the accepted dtypes
+    return v
+
+
+DtypeName = Annotated[str, AfterValidator(_check_dtype)]
 
 
 class _Model(BaseModel):
@@ -108,8 +116,8 @@ class MergeRecipe(_Model):
     models: list[ModelEntry] | None = None
     slices: list[SliceSpec] | None = None
     parameters: Params = Field(default_factory=dict)
-    dtype: str | None = None
-    out_dtype: str | None = None
+    dtype: DtypeName | None = None
+    out_dtype: DtypeName | None = None
     tokenizer_source: str | None = None
     name: str | None = None
     plugins: list[str] = Field(default_factory=list)
@@ -119,13 +127,6 @@ class MergeRecipe(_Model):
     def _tokenizer(cls, v: str | None) -> str | None:
         if v == "union":
             raise ValueError("`union` (merging vocabularies) is not supported; use `base` or a model reference")
-        return v
-
-    @field_validator("dtype", "out_dtype")
-    @classmethod
-    def _dtype(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_dtype(v)
         return v
 
     @model_validator(mode="after")

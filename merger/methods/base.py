@@ -49,14 +49,13 @@ class MergeMethod:
         if cls.base == "none" and has_base and not cls.base_is_input:
             raise ValueError(f"{cls.name} takes no base_model; remove it")
         if n < cls.min_models or (cls.max_models is not None and n > cls.max_models):
-            if cls.max_models == cls.min_models:
-                want = f"exactly {cls.min_models}"
-            elif cls.max_models is None:
-                want = f"at least {cls.min_models}"
-            else:
-                want = f"{cls.min_models} to {cls.max_models}"
-            extra = " besides base_model" if has_base and not cls.base_is_input else ""
-            raise ValueError(f"{cls.name} merges {want} model(s){extra}, got {n}")
+            # With a required base passed separately, count it as mergekit users do: slerp merges 2 models.
+            k = 1 if cls.base == "required" and not cls.base_is_input else 0
+            lo, hi = cls.min_models + k, None if cls.max_models is None else cls.max_models + k
+            want = f"exactly {lo}" if hi == lo else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+            extra = " (base_model included)" if k else (" besides base_model" if has_base and not cls.base_is_input else "")
+            noun = "model" if lo == 1 and hi == 1 else "models"
+            raise ValueError(f"{cls.name} merges {want} {noun}{extra}, got {n + k}")
 
     def merge(self, tensors: list[torch.Tensor], base: torch.Tensor | None, params: BaseModel,
               model_params: list[BaseModel], ctx: MergeContext) -> torch.Tensor:

@@ -33,14 +33,6 @@ class ModelStock(MergeMethod):
         # True: one angle (and t) per row, i.e. per output filter, instead of per tensor.
         filter_wise: bool = False
 
-    @classmethod
-    def check_models(cls, n: int, has_base: bool) -> None:
-        if not has_base:
-            raise ValueError("model_stock needs a base_model (the pretrained model the fine-tunes start from)")
-        if n < 2:
-            raise ValueError(f"model_stock merges at least 3 models (base_model plus 2 or more fine-tunes), "
-                             f"got {n + 1}")
-
     def merge(self, tensors, base, params, model_params, ctx: MergeContext) -> torch.Tensor:
         n = len(tensors)
         cos = self._mean_cosine(tensors, base, params.filter_wise)

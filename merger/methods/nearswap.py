@@ -22,13 +22,6 @@ class NearSwap(MergeMethod):
         model_config = ConfigDict(extra="forbid")
         t: float = Field(gt=0)
 
-    @classmethod
-    def check_models(cls, n: int, has_base: bool) -> None:
-        if not has_base:
-            raise ValueError("nearswap needs a base_model; name one of the two models")
-        if n != 1:
-            raise ValueError(f"nearswap merges exactly 2 models (base_model and one other), got {n + 1}")
-
     def merge(self, tensors, base, params, model_params, ctx: MergeContext) -> torch.Tensor:
         out = torch.empty_like(base)
         rows_b, rows_t, rows_out = (sparsify.rows_of(x) for x in (base, tensors[0], out))

@@ -69,13 +69,6 @@ class Slerp(MergeMethod):
         model_config = ConfigDict(extra="forbid")
         t: float
 
-    @classmethod
-    def check_models(cls, n: int, has_base: bool) -> None:
-        if not has_base:
-            raise ValueError("slerp needs a base_model (the t = 0 end); name one of the two models")
-        if n != 1:
-            raise ValueError(f"slerp merges exactly 2 models (base_model and one other), got {n + 1}")
-
     def merge(self, tensors, base, params, model_params, ctx: MergeContext) -> torch.Tensor:
         return slerp_flat(params.t, base, tensors[0])
 

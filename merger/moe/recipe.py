@@ -10,8 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from merger import plugins
 from merger.errors import RecipeError
-from merger.io.dtypes import parse_dtype
-from merger.recipe import parse_model, unknown_name
+from merger.recipe import DtypeName, parse_model, unknown_name
 
 # Output layouts we write; mergekit-moe's `architecture:` picks one by name prefix.
 ARCHITECTURES = {"mixtral": "mixtral", "qwen": "qwen2_moe", "qwen moe": "qwen2_moe", "qwen2_moe": "qwen2_moe",
@@ -52,18 +51,11 @@ class MoERecipe(BaseModel):
     shared_experts: list[Expert] | None = None
     architecture: str | None = None
     # mergekit-moe's `dtype` is the output dtype; out_dtype (mergekit's merge key) overrides it
-    dtype: str | None = None
-    out_dtype: str | None = None
+    dtype: DtypeName | None = None
+    out_dtype: DtypeName | None = None
     tokenizer_source: str | None = None
     name: str | None = None
     plugins: list[str] = Field(default_factory=list)
-
-    @field_validator("dtype", "out_dtype")
-    @classmethod
-    def _dtype(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_dtype(v)
-        return v
 
     @field_validator("experts")
     @classmethod
