@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from merger import synth
+from merger.engine import native
 from merger.engine.generate import generate_ids
 from merger.engine.model import load_model
 from merger.io.dtypes import parse_dtype
@@ -178,6 +179,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; building checkpoints in {a.workdir}")
+    print(native.status())
     paths = make_models(a.workdir, a)
     bw = read_bandwidth()
     print(f"measured read bandwidth: {bw / 1e9:.1f} GB/s; load average {os.getloadavg()[0]:.1f} "

@@ -11,7 +11,7 @@ import torch
 from torch.testing import assert_close
 
 from merger import synth
-from merger.engine import moe
+from merger.engine import moe, native
 from merger.engine.generate import generate, generate_ids
 from merger.engine.matmul import linear
 from merger.engine.model import ContextError, load_model
@@ -262,6 +262,26 @@ def test_bf16_model_tracks_the_fp32_model(models):
     # same argmax nearly everywhere, and the logits within bf16 rounding of the fp32 ones
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
     assert (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+def test_bf16_logits_with_and_without_the_kernel_agree(models, monkeypatch):
+    """Same model, native kernel on vs torch's GEMV: decode logits differ only by float32 summation order
+    (plus the bf16 rounding of activations that can follow from it)."""
+    if native.gemv_kernel(torch.bfloat16) is None:
+        pytest.skip(native.status())
+    model = load_model(models["mixtral"], dtype=torch.bfloat16)
+
+    def decode_logits() -> torch.Tensor:
+        model.setup_cache(1, PROMPT.shape[1] + 4)
+        model(PROMPT, start_pos=0)
+        steps = [model(torch.tensor([[t]]), start_pos=PROMPT.shape[1] + i) for i, t in enumerate([3, 8, 6, 2])]
+        return torch.cat(steps, dim=1)
+
+    with_kernel = decode_logits()
+    monkeypatch.setattr(native, "gemv_kernel", lambda dtype: None)
+    without = decode_logits()
+    assert (with_kernel.argmax(-1) == without.argmax(-1)).all()
+    assert_close(with_kernel, without, atol=0.05 * without.abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 8, 40])

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from merger.cache import cache_dir
 from merger.errors import CheckpointError, OutputError
 from merger.io.dtypes import dtype_name, parse_dtype
 from merger.io.gguf_tokenizer import check_tokenizer, special_token_ids, write_tokenizer_files
@@ -144,15 +145,6 @@ def convert_gguf(src: str | Path, out_dir: str | Path, *, dtype: torch.dtype = t
 
 # --- GGUF files as recipe inputs: converted once into a content-addressed cache -------------------
 
-def cache_root() -> Path:
-    """$MERGER_CACHE/gguf, else $XDG_CACHE_HOME/merger/gguf, else ~/.cache/merger/gguf."""
-    root = os.environ.get("MERGER_CACHE")
-    if root:
-        return Path(root).expanduser() / "gguf"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "merger" / "gguf"
-
-
 def gguf_source(path: Path) -> Path | None:
     """The GGUF file behind a model reference: a .gguf file, or a folder holding one and no config.json."""
     if path.is_file():
@@ -191,7 +183,7 @@ def cached_folder(path: Path, dtype: torch.dtype | str | None = None, root: Path
     """The Hugging Face folder for GGUF file `path` at `dtype` (default float32, which holds every
     dequantized value exactly), converting it on first use."""
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else (dtype or torch.float32)
-    root = root or cache_root()
+    root = root or cache_dir("gguf")
     out = root / f"{content_key(path, root)}-{dtype_name(dtype)}"
     if (out / "config.json").is_file():
         return out
