@@ -34,14 +34,15 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_toke
     """Generate up to `max_new_tokens` after `prompt` (wrapped in the chat template if `chat`)."""
     ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
     decoder = StreamDecoder(tokenizer)
-    on_token = None
-    if stream is not None:
-        def on_token(tok: int) -> None:
-            piece = decoder.push(tok)
-            if piece:
-                stream(piece)
+
+    def on_token(tok: int) -> None:
+        piece = decoder.push(tok)
+        if piece:
+            stream(piece)
+
     new, prefill_s, decode_s = generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed,
-                                            tokenizer.eos_token_ids, on_token)
+                                            tokenizer.eos_token_ids,
+                                            on_token if stream is not None else None)
     if stream is not None:
         tail = decoder.flush()
         if tail:
