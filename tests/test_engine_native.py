@@ -29,17 +29,18 @@ def test_kernel_is_built_where_a_compiler_and_avx2_exist(fresh_native, tmp_path)
         pytest.skip("no C compiler or no AVX2 here")
     assert native.gemv_kernel(torch.bfloat16) is not None, native.status()
     assert native.gemv_kernel(torch.float16) is not None
-    assert native.gemv_kernel(torch.float32) is None  # torch's own float32 GEMV is already memory-bound
+    assert native.gemv_kernel(torch.float32) is not None
+    assert native.gemv_kernel(torch.int8) is None
     assert list((tmp_path / "cache" / "kernels").glob("gemv-*.so"))
     assert native.status().startswith("native gemv kernel: on")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 2, 3, 7])
 @pytest.mark.parametrize("n,k", [(37, 29), (130, 1000), (9, 8), (4, 2055)])
 def test_kernel_equals_float64_math(dtype, rows, n, k):
     kernel = native.gemv_kernel(dtype)
-    if kernel is None or not slow_half(dtype, torch.device("cpu")):
+    if kernel is None or (dtype != torch.float32 and not slow_half(dtype, torch.device("cpu"))):
         pytest.skip(native.status())
     g = torch.Generator().manual_seed(n * k + rows)
     x = torch.randn(rows, k, generator=g).to(dtype)
@@ -51,6 +52,9 @@ def test_kernel_equals_float64_math(dtype, rows, n, k):
     assert_close(out.double(), ref, atol=1e-4 * (1 + ref.abs().max().item()), rtol=1e-5)
     # in the model dtype: one rounding of the float32 result
     assert_close(linear(x, w, b), out.to(dtype), atol=0, rtol=0)
+    if dtype == torch.float32 and rows == 1:  # x itself a strided view: its rows are made contiguous first
+        xs = torch.randn(k, 2, generator=g)[:, 0]
+        assert_close(linear(xs, w).double(), w.double() @ xs.double(), atol=1e-4 * k ** 0.5, rtol=1e-5)
 
 
 def test_disabled_by_environment(fresh_native, monkeypatch):

@@ -1,9 +1,10 @@
-"""The one native kernel: gemv.c (few-row matmul with bf16/fp16 weights on AVX2 CPUs), compiled on first
+"""The one native kernel: gemv.c (few-row matmul, bf16/fp16/fp32 weights, AVX2 CPUs), compiled on first
 use with the system C compiler into the merger cache and called through ctypes.
 
 Optional by design: with no compiler, another CPU, or MERGER_NATIVE=0, `gemv_kernel` returns None and the
-engine stays on torch's own matmul. Why it exists: on CPUs without native bf16 math torch's single-token
-bf16 GEMV is compute-bound at about half the memory bandwidth, and decode is nothing but such GEMVs.
+engine stays on torch's own matmul. Why it exists: decode is nothing but such GEMVs, and torch's reach
+about half the memory bandwidth on CPUs without native bf16 math (its bf16 one is compute-bound there)
+and ~65% in float32 (measured on a 2-core EPYC: 15-16 GB/s against 21-25 GB/s for this kernel).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from merger.cache import cache_dir
 
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
-_SYMBOLS = {torch.bfloat16: "merger_gemv_bf16", torch.float16: "merger_gemv_fp16"}
+_SYMBOLS = {torch.bfloat16: "merger_gemv_bf16", torch.float16: "merger_gemv_fp16", torch.float32: "merger_gemv_fp32"}
 
 
 @functools.cache
@@ -80,7 +81,7 @@ def gemv_kernel(dtype: torch.dtype):
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, kernel) -> torch.Tensor:
-    """x [M, K] float32 (contiguous rows) @ w[N, K].T (bf16/fp16, unit column stride) -> float32 [M, N]."""
+    """x [M, K] float32 (unit column stride) @ w[N, K].T (bf16/fp16/fp32, unit column stride) -> float32 [M, N]."""
     m, k = x.shape
     n = w.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
