@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from merger.engine import native
 from merger.engine.config import ModelConfig, load_model_config, rope_inv_freq
 from merger.engine.matmul import linear, slow_half
 from merger.engine.moe import FeedForward, MoEFeedForward
@@ -50,6 +51,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str =
         raise CheckpointError(f"{path}: weights do not match config.json ({detail}); "
                               "fix the config or re-save the checkpoint") from None
     model.init_rope(torch.device(device))
+    if torch.device(device).type == "cpu":
+        native.gemv_kernel(dtype)  # a first-ever run compiles the decode kernel here, not inside a timed prefill
     return model.eval()
 
 
