@@ -57,6 +57,16 @@ def test_kernel_equals_float64_math(dtype, rows, n, k):
         assert_close(linear(xs, w).double(), w.double() @ xs.double(), atol=1e-4 * k ** 0.5, rtol=1e-5)
 
 
+def test_mismatched_shapes_never_reach_the_kernel():
+    w = torch.randn(8, 16).bfloat16()
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        linear(torch.randn(1, 12).bfloat16(), w)
+    kernel = native.gemv_kernel(torch.bfloat16)
+    if kernel is not None:
+        with pytest.raises(ValueError, match="do not fit"):
+            native.gemv(torch.randn(1, 12), w, kernel)
+
+
 def test_disabled_by_environment(fresh_native, monkeypatch):
     monkeypatch.setenv("MERGER_NATIVE", "0")
     assert native.gemv_kernel(torch.bfloat16) is None

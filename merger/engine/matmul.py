@@ -49,6 +49,8 @@ def _native_kernel(x: torch.Tensor, w: torch.Tensor):
     CPU without native half math."""
     if x.dtype != w.dtype or w.dim() != 2 or w.stride(1) != 1 or x.device.type != "cpu":
         return None
+    if x.shape[-1] != w.shape[1]:
+        return None  # F.linear raises torch's usual shape error
     if x.dtype != torch.float32 and not slow_half(x.dtype, x.device):
         return None  # AMX / AVX512-BF16 machines: oneDNN's own half-precision kernels
     if x.numel() // max(x.shape[-1], 1) >= BLOCKED_MIN_ROWS:

@@ -25,7 +25,8 @@ from merger.cache import cache_dir
 
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
-_SYMBOLS = {torch.bfloat16: "merger_gemv_bf16", torch.float16: "merger_gemv_fp16", torch.float32: "merger_gemv_fp32"}
+_SYMBOLS = {torch.bfloat16: "merger_gemv_bf16", torch.float16: "merger_gemv_fp16",
+            torch.float32: "merger_gemv_fp32"}
 
 
 @functools.cache
@@ -81,9 +82,11 @@ def gemv_kernel(dtype: torch.dtype):
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, kernel) -> torch.Tensor:
-    """x [M, K] float32 (unit column stride) @ w[N, K].T (bf16/fp16/fp32, unit column stride) -> float32 [M, N]."""
+    """x [M, K] float32 @ w[N, K].T (bf16/fp16/fp32) -> float32 [M, N]; both with unit column stride."""
     m, k = x.shape
     n = w.shape[0]
+    if w.shape[1] != k or x.stride(1) != 1 or w.stride(1) != 1 or x.dtype != torch.float32:
+        raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} and w {tuple(w.shape)} do not fit")  # no stray reads
     y = torch.empty(m, n, dtype=torch.float32)
     kernel(w.data_ptr(), n, k, w.stride(0), x.data_ptr(), m, x.stride(0), y.data_ptr(), n,
            torch.get_num_threads())
