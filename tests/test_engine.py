@@ -264,21 +264,21 @@ def test_bf16_model_tracks_the_fp32_model(models):
     assert (a - b).abs().max() < 0.1 * a.abs().max()
 
 
-def test_bf16_logits_with_and_without_the_kernel_agree(models, monkeypatch):
-    """Same model, native kernel on vs torch's GEMV: decode logits differ only by float32 summation order
-    (plus the bf16 rounding of activations that can follow from it)."""
+def test_bf16_logits_with_and_without_the_native_kernels_agree(models, monkeypatch):
+    """Same model, native gemm (prefill) and gemv (decode) vs torch's matmuls: logits differ only by float32
+    summation order (plus the bf16 rounding of activations that can follow from it)."""
     if native.gemv_kernel(torch.bfloat16) is None:
         pytest.skip(native.status())
     model = load_model(models["mixtral"], dtype=torch.bfloat16)
 
     def decode_logits() -> torch.Tensor:
         model.setup_cache(1, PROMPT.shape[1] + 4)
-        model(PROMPT, start_pos=0)
+        prefill = model(PROMPT, start_pos=0)
         steps = [model(torch.tensor([[t]]), start_pos=PROMPT.shape[1] + i) for i, t in enumerate([3, 8, 6, 2])]
-        return torch.cat(steps, dim=1)
+        return torch.cat([prefill, *steps], dim=1)
 
     with_kernel = decode_logits()
-    monkeypatch.setattr(native, "gemv_kernel", lambda dtype: None)
+    monkeypatch.setattr(native, "_kernel", lambda op, dtype: None)
     without = decode_logits()
     assert (with_kernel.argmax(-1) == without.argmax(-1)).all()
     assert_close(with_kernel, without, atol=0.05 * without.abs().max().item(), rtol=0)

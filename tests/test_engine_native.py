@@ -1,5 +1,6 @@
-"""The native half-precision GEMV (merger/engine/gemv.c): float64 math for every shape and stride it
-accepts, and the fallbacks when it cannot be built. A bf16 model with it and without: test_engine.py."""
+"""The native CPU kernels (merger/engine/cpu_kernels.c): gemv and gemm against float64 math for every shape,
+stride and tile edge they accept, and the fallbacks when they cannot be built. A bf16 model with them and
+without: test_engine.py."""
 from __future__ import annotations
 
 import shutil
@@ -9,10 +10,11 @@ import torch
 from torch.testing import assert_close
 
 from merger.engine import native
-from merger.engine.matmul import linear, slow_half
+from merger.engine.matmul import BLOCKED_MIN_ROWS, linear, slow_half
 
 BUILDABLE = (shutil.which("cc") or shutil.which("gcc")) is not None and \
     torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
 @pytest.fixture
@@ -24,53 +26,102 @@ def fresh_native(tmp_path, monkeypatch):
     native._library.cache_clear()
 
 
-def test_kernel_is_built_where_a_compiler_and_avx2_exist(fresh_native, tmp_path):
-    if not BUILDABLE:
-        pytest.skip("no C compiler or no AVX2 here")
-    assert native.gemv_kernel(torch.bfloat16) is not None, native.status()
-    assert native.gemv_kernel(torch.float16) is not None
-    assert native.gemv_kernel(torch.float32) is not None
-    assert native.gemv_kernel(torch.int8) is None
-    assert list((tmp_path / "cache" / "kernels").glob("gemv-*.so"))
-    assert native.status().startswith("native gemv kernel: on")
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 2, 3, 7])
-@pytest.mark.parametrize("n,k", [(37, 29), (130, 1000), (9, 8), (4, 2055)])
-def test_kernel_equals_float64_math(dtype, rows, n, k):
-    kernel = native.gemv_kernel(dtype)
+def _usable(op: str, dtype: torch.dtype):
+    """The kernel `linear` would take for this dtype, or a skip saying why there is none here."""
+    kernel = getattr(native, f"{op}_kernel")(dtype)
     if kernel is None or (dtype != torch.float32 and not slow_half(dtype, torch.device("cpu"))):
         pytest.skip(native.status())
-    g = torch.Generator().manual_seed(n * k + rows)
+    return kernel
+
+
+def test_kernels_are_built_where_a_compiler_and_avx2_exist(fresh_native, tmp_path):
+    if not BUILDABLE:
+        pytest.skip("no C compiler or no AVX2 here")
+    for dtype in DTYPES:
+        assert native.gemv_kernel(dtype) is not None, native.status()
+        assert native.gemm_kernel(dtype) is not None
+    assert native.gemv_kernel(torch.int8) is None
+    assert list((tmp_path / "cache" / "kernels").glob("cpu_kernels-*.so"))
+    assert native.status().startswith("native CPU kernels: on")
+
+
+def _case(dtype: torch.dtype, rows: int, n: int, k: int):
+    """x [rows, k]; a weight view [n, k] with a row stride wider than its width and a storage offset
+    (like w13[e][:, a:b]); a bias; and the exact float64 result of the rounded inputs."""
+    g = torch.Generator().manual_seed(rows * 100003 + n * k)
     x = torch.randn(rows, k, generator=g).to(dtype)
-    # a weight view with a row stride wider than its width and a storage offset, like w13[e][:, a:b]
     big = torch.randn(3, n, k + 13, generator=g).to(dtype)
     w, b = big[1, :, 5:5 + k], torch.randn(n, generator=g).to(dtype)
-    ref = x.double() @ w.double().t() + b.double()       # exact products of the rounded inputs
+    return x, w, b, x.double() @ w.double().t() + b.double()
+
+
+def _check(x, w, b, ref):
     out = linear(x, w, b, out_dtype=torch.float32)
+    assert out.shape == ref.shape and out.is_contiguous()
     assert_close(out.double(), ref, atol=1e-4 * (1 + ref.abs().max().item()), rtol=1e-5)
     # in the model dtype: one rounding of the float32 result
-    assert_close(linear(x, w, b), out.to(dtype), atol=0, rtol=0)
+    assert_close(linear(x, w, b), out.to(x.dtype), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 7])
+@pytest.mark.parametrize("n,k", [(37, 29), (130, 1000), (9, 8), (4, 2055)])
+def test_gemv_equals_float64_math(dtype, rows, n, k):
+    _usable("gemv", dtype)
+    x, w, b, ref = _case(dtype, rows, n, k)
+    _check(x, w, b, ref)
     if dtype == torch.float32 and rows == 1:  # x itself a strided view: its rows are made contiguous first
-        xs = torch.randn(k, 2, generator=g)[:, 0]
+        xs = torch.randn(k, 2, generator=torch.Generator().manual_seed(k))[:, 0]
         assert_close(linear(xs, w).double(), w.double() @ xs.double(), atol=1e-4 * k ** 0.5, rtol=1e-5)
 
 
-def test_mismatched_shapes_never_reach_the_kernel():
+# rows around the 16-token tile, n around the 6-row strip, k around the 256-wide slice and the 8-wide load
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [BLOCKED_MIN_ROWS, 16, 17, 45])
+@pytest.mark.parametrize("n,k", [(1, 3), (5, 256), (6, 257), (37, 29), (130, 700)])
+def test_gemm_equals_float64_math(dtype, rows, n, k):
+    _usable("gemm", dtype)
+    _check(*_case(dtype, rows, n, k))
+
+
+def test_gemm_with_float32_weights_and_a_batch_dimension():
+    """linear keeps float32 prefill on MKL, so the float32 gemm is checked directly; the bf16 one through a
+    [B, T, K] input, as the model calls it."""
+    kernel = _usable("gemm", torch.float32)
+    x, w, b, ref = _case(torch.float32, 33, 70, 300)
+    out_t = native.gemm(x, w, kernel)
+    assert out_t.shape == (70, 33)
+    assert_close(out_t.t().double(), ref - b.double(), atol=1e-4 * (1 + ref.abs().max().item()), rtol=1e-5)
+    x, w, b, ref = _case(torch.bfloat16, 24, 50, 300)
+    out = linear(x.view(2, 12, 300), w, b, out_dtype=torch.float32)
+    assert_close(out.view(24, 50).double(), ref, atol=1e-4 * (1 + ref.abs().max().item()), rtol=1e-5)
+
+
+def test_empty_inner_dimension_gives_zeros_or_bias():
+    for rows in (1, 20):
+        for dtype in (torch.bfloat16, torch.float32):
+            x, w, b = torch.empty(rows, 0, dtype=dtype), torch.empty(6, 0, dtype=dtype), torch.ones(6, dtype=dtype)
+            assert torch.equal(linear(x, w, b, out_dtype=torch.float32), torch.ones(rows, 6))
+
+
+def test_mismatched_shapes_never_reach_the_kernels():
     w = torch.randn(8, 16).bfloat16()
-    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-        linear(torch.randn(1, 12).bfloat16(), w)
-    kernel = native.gemv_kernel(torch.bfloat16)
-    if kernel is not None:
-        with pytest.raises(ValueError, match="do not fit"):
-            native.gemv(torch.randn(1, 12), w, kernel)
+    for rows in (1, 20):
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            linear(torch.randn(rows, 12).bfloat16(), w)
+    for op in ("gemv", "gemm"):
+        kernel = getattr(native, f"{op}_kernel")(torch.bfloat16)
+        if kernel is not None:
+            with pytest.raises(ValueError, match="do not fit"):
+                getattr(native, op)(torch.randn(1, 12), w, kernel)
+            with pytest.raises(ValueError, match="do not fit"):
+                getattr(native, op)(torch.randn(2, 16).bfloat16(), w, kernel)  # x must be float32
 
 
 def test_disabled_by_environment(fresh_native, monkeypatch):
     monkeypatch.setenv("MERGER_NATIVE", "0")
-    assert native.gemv_kernel(torch.bfloat16) is None
-    assert native.status() == "native gemv kernel: off (disabled by MERGER_NATIVE=0)"
+    assert native.gemv_kernel(torch.bfloat16) is None and native.gemm_kernel(torch.bfloat16) is None
+    assert native.status() == "native CPU kernels: off (disabled by MERGER_NATIVE=0)"
 
 
 def test_failed_build_falls_back_to_torch(fresh_native, monkeypatch, tmp_path):
@@ -81,9 +132,10 @@ def test_failed_build_falls_back_to_torch(fresh_native, monkeypatch, tmp_path):
     broken.chmod(0o755)
     monkeypatch.setenv("CC", str(broken))
     assert native.gemv_kernel(torch.bfloat16) is None
-    assert "compiling gemv.c failed: cc: fatal error: no input" in native.status()
+    assert "compiling cpu_kernels.c failed: cc: fatal error: no input" in native.status()
     assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # nothing half-written left behind
-    x, w = torch.randn(1, 64).bfloat16(), torch.randn(32, 64).bfloat16()
-    ref = (x.double() @ w.double().t()).float()
-    assert_close(linear(x, w, out_dtype=torch.float32), ref, atol=1e-4, rtol=2 ** -8)  # torch rounds to bf16
-
+    for rows in (1, 20):
+        x, w = torch.randn(rows, 64).bfloat16(), torch.randn(32, 64).bfloat16()
+        ref = (x.double() @ w.double().t()).float()
+        # torch's single-token path rounds to bf16 before the float32 cast
+        assert_close(linear(x, w, out_dtype=torch.float32), ref, atol=1e-4, rtol=2 ** -8)

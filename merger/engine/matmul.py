@@ -4,12 +4,14 @@ of the weight, in float32.
 Why (measured on a 2-core AVX2 EPYC, torch 2.13): without native bf16/fp16 GEMM, a 64-row bf16 matmul
 costs ~4x the float32 one, and even in float32 the blocked form runs 1.1-2.5x faster than F.linear for
 8-512 rows (each 4 MiB block stays in cache). Half-precision blocks are upcast one at a time, so no
-float32 copy of a whole weight ever exists. Few-row calls (decode) go to the native kernel (native.py) when
-it could be built: it reads weights at ~85% of the memory bandwidth, torch's GEMV at ~50-65%.
+float32 copy of a whole weight ever exists. Where the native kernels (native.py) could be built, few-row
+calls (decode) take their gemv, which reads weights at ~85% of the memory bandwidth (torch's GEMV: ~50-65%),
+and half-precision many-row calls their gemm, which widens weights while packing them.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -44,30 +46,35 @@ def use_blocked(x: torch.Tensor) -> bool:
     return x.numel() // max(x.shape[-1], 1) >= BLOCKED_MIN_ROWS
 
 
-def _native_kernel(x: torch.Tensor, w: torch.Tensor):
-    """The native GEMV for this call, or None: few rows on CPU, float32 weights or half-precision ones on a
-    CPU without native half math."""
+def _native_kernel(x: torch.Tensor, w: torch.Tensor, rows: int):
+    """The native kernel for this call (gemv below BLOCKED_MIN_ROWS rows, else gemm), or None: CPU only;
+    float32 weights take gemv only, half-precision ones either, on a CPU without native half math."""
     if x.dtype != w.dtype or w.dim() != 2 or w.stride(1) != 1 or x.device.type != "cpu":
         return None
     if x.shape[-1] != w.shape[1]:
         return None  # F.linear raises torch's usual shape error
     if x.dtype != torch.float32 and not slow_half(x.dtype, x.device):
         return None  # AMX / AVX512-BF16 machines: oneDNN's own half-precision kernels
-    if x.numel() // max(x.shape[-1], 1) >= BLOCKED_MIN_ROWS:
-        return None
-    return native.gemv_kernel(x.dtype)
+    if rows < BLOCKED_MIN_ROWS:
+        return native.gemv_kernel(x.dtype)
+    # float32 prefill stays on MKL: gemm's gain comes from widening half weights in its packing
+    return None if x.dtype == torch.float32 else native.gemm_kernel(x.dtype)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [..., K] @ w[N, K].T (+ b): the result is in `out_dtype` (default x.dtype)."""
     out_dtype = out_dtype or x.dtype
-    kernel = _native_kernel(x, w)
-    if kernel is not None:
-        y = native.gemv(x.reshape(-1, x.shape[-1]).float().contiguous(), w, kernel)  # float32 [rows, N]
+    rows = math.prod(x.shape[:-1])
+    kernel = _native_kernel(x, w, rows)
+    if kernel is not None and rows < BLOCKED_MIN_ROWS:
+        y = native.gemv(x.reshape(rows, x.shape[-1]).float().contiguous(), w, kernel)  # float32 [rows, N]
         if b is not None:
             y += b.float()
         return y.to(out_dtype).view(*x.shape[:-1], w.shape[0])
+    if kernel is not None:
+        out_t = native.gemm(x.reshape(rows, x.shape[-1]).float().contiguous(), w, kernel)  # float32 [N, rows]
+        return _untranspose(out_t, b, out_dtype, x.shape[:-1])
     if not use_blocked(x):
         y = F.linear(x, w, b)
         return y if y.dtype == out_dtype else y.to(out_dtype)
@@ -78,7 +85,14 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
     step = max(1, _BLOCK_ELEMS // w.shape[1])
     for s in range(0, n, step):
         torch.mm(w[s:s + step].float(), x32t, out=out_t[s:s + step])
+    return _untranspose(out_t, b, out_dtype, x.shape[:-1])
+
+
+def _untranspose(out_t: torch.Tensor, b: torch.Tensor | None, out_dtype: torch.dtype,
+                 lead: torch.Size) -> torch.Tensor:
+    """float32 out.T [N, rows] (+ bias) -> [*lead, N] in out_dtype, transposed and rounded in one pass."""
     if b is not None:
         out_t += b.float()[:, None]
-    out = torch.empty(out_t.shape[1], n, dtype=out_dtype, device=x.device).copy_(out_t.t())  # one pass
-    return out.view(*x.shape[:-1], n)
+    n, rows = out_t.shape
+    out = torch.empty(rows, n, dtype=out_dtype, device=out_t.device).copy_(out_t.t())
+    return out.view(*lead, n)

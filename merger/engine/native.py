@@ -1,10 +1,11 @@
-"""The one native kernel: gemv.c (few-row matmul, bf16/fp16/fp32 weights, AVX2 CPUs), compiled on first
-use with the system C compiler into the merger cache and called through ctypes.
+"""The engine's native CPU kernels (cpu_kernels.c: gemv for decode, gemm for prefill; bf16/fp16/fp32
+weights; AVX2), compiled on first use with the system C compiler into the merger cache, called via ctypes.
 
-Optional by design: with no compiler, another CPU, or MERGER_NATIVE=0, `gemv_kernel` returns None and the
-engine stays on torch's own matmul. Why it exists: decode is nothing but such GEMVs, and torch's reach
-about half the memory bandwidth on CPUs without native bf16 math (its bf16 one is compute-bound there)
-and ~65% in float32 (measured on a 2-core EPYC: 15-16 GB/s against 21-25 GB/s for this kernel).
+Optional by design: with no compiler, another CPU, or MERGER_NATIVE=0, the `*_kernel` lookups return None
+and the engine stays on torch's own matmul. Why they exist: decode is nothing but GEMVs, and torch's
+reach about half the memory bandwidth on CPUs without native bf16 math (its bf16 one is compute-bound
+there) and ~65% in float32 (measured on a 2-core EPYC: 15-16 GB/s against 21-25 GB/s for gemv); prefill
+in bf16 otherwise upcasts weight blocks for MKL, which gemm does inside its packing.
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ import torch
 
 from merger.cache import cache_dir
 
-SOURCE = Path(__file__).with_name("gemv.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
-_SYMBOLS = {torch.bfloat16: "merger_gemv_bf16", torch.float16: "merger_gemv_fp16",
-            torch.float32: "merger_gemv_fp32"}
+_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_ARGS = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
+         ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
 
 
 @functools.cache
@@ -42,7 +44,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     if not cc:
         return None, "no C compiler found (set CC)"
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
-    lib_path = cache_dir("kernels") / f"gemv-{key}.so"
+    lib_path = cache_dir("kernels") / f"{SOURCE.stem}-{key}.so"
     if not lib_path.exists():
         try:
             lib_path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,35 +61,62 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(lib_path))
     except OSError as e:
         return None, f"loading {lib_path} failed: {e}"
-    for sym in _SYMBOLS.values():
-        fn = getattr(lib, sym)
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
-                       ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
-        fn.restype = None
+    for suffix in _TYPES.values():
+        for op, restype in (("gemv", None), ("gemm", ctypes.c_int)):
+            fn = getattr(lib, f"merger_{op}_{suffix}")
+            fn.argtypes, fn.restype = _ARGS, restype
     return lib, f"{lib_path}"
 
 
 def status() -> str:
     """One line for benchmarks and debugging: whether the native kernel is in use, and why (not)."""
     lib, why = _library()
-    return f"native gemv kernel: {'on' if lib is not None else 'off'} ({why})"
+    return f"native CPU kernels: {'on' if lib is not None else 'off'} ({why})"
 
 
 def gemv_kernel(dtype: torch.dtype):
-    """The ctypes function for weights of `dtype`, or None when the native kernel is unavailable."""
-    if dtype not in _SYMBOLS:
+    """The few-row kernel for weights of `dtype`, or None when the native kernels are unavailable."""
+    return _kernel("gemv", dtype)
+
+
+def gemm_kernel(dtype: torch.dtype):
+    """The many-row kernel for weights of `dtype`, or None when the native kernels are unavailable."""
+    return _kernel("gemm", dtype)
+
+
+def _kernel(op: str, dtype: torch.dtype):
+    if dtype not in _TYPES:
         return None
     lib, _ = _library()
-    return None if lib is None else getattr(lib, _SYMBOLS[dtype])
+    return None if lib is None else getattr(lib, f"merger_{op}_{_TYPES[dtype]}")
+
+
+def _check(x: torch.Tensor, w: torch.Tensor) -> None:
+    """No pointer reaches C unless every read it implies stays inside x and w."""
+    if (x.dim() != 2 or w.dim() != 2 or w.shape[1] != x.shape[1] or x.stride(1) != 1 or w.stride(1) != 1
+            or x.dtype != torch.float32 or x.device.type != "cpu" or w.device.type != "cpu"):
+        raise ValueError(f"native kernel: x {tuple(x.shape)} {x.dtype} and w {tuple(w.shape)} do not fit")
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, kernel) -> torch.Tensor:
     """x [M, K] float32 @ w[N, K].T (bf16/fp16/fp32) -> float32 [M, N]; both with unit column stride."""
+    _check(x, w)
     m, k = x.shape
     n = w.shape[0]
-    if w.shape[1] != k or x.stride(1) != 1 or w.stride(1) != 1 or x.dtype != torch.float32:
-        raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} and w {tuple(w.shape)} do not fit")  # no stray reads
     y = torch.empty(m, n, dtype=torch.float32)
     kernel(w.data_ptr(), n, k, w.stride(0), x.data_ptr(), m, x.stride(0), y.data_ptr(), n,
            torch.get_num_threads())
     return y
+
+
+def gemm(x: torch.Tensor, w: torch.Tensor, kernel) -> torch.Tensor:
+    """The same product, transposed: float32 [N, M] (a view into rows padded to 16 tokens)."""
+    _check(x, w)
+    m, k = x.shape
+    n = w.shape[0]
+    ldc = -(-m // 16) * 16  # the kernel writes whole 16-token tiles
+    out_t = torch.empty(n, ldc, dtype=torch.float32)
+    if kernel(w.data_ptr(), n, k, w.stride(0), x.data_ptr(), m, x.stride(0), out_t.data_ptr(), ldc,
+              torch.get_num_threads()):
+        raise MemoryError(f"native gemm: no memory for a {m}-token packing buffer")
+    return out_t[:, :m]
