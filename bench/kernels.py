@@ -48,7 +48,8 @@ def bench_gemv(dtype: torch.dtype, n: int, k: int, set_bytes: float, reps: int, 
     if kernel is not None:
         x32 = x.float()
         ours = nbytes / best(each(lambda w: native.gemv(x32, w, kernel)), reps)
-        line += f"  native {ours / 1e9:5.1f} GB/s  ratio {ours / theirs:.2f}x  ({100 * ours / bw:.0f}% of the read)"
+        line += (f"  native {ours / 1e9:5.1f} GB/s  ratio {ours / theirs:.2f}x"
+                 f"  ({100 * ours / bw:.0f}% of the read)")
     return line
 
 

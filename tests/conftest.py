@@ -15,7 +15,7 @@ from merger import synth
 # huggingface_hub is imported, since it reads HF_ENDPOINT once.
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-# Derived files (GGUF conversions, the compiled engine kernel) go to a fresh folder, not the user's cache.
+# Derived files (GGUF conversions, the compiled engine kernels) go to a fresh folder, not the user's cache.
 os.environ["MERGER_CACHE"] = tempfile.mkdtemp(prefix="merger-test-cache-")
 
 

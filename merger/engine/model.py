@@ -52,7 +52,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str =
                               "fix the config or re-save the checkpoint") from None
     model.init_rope(torch.device(device))
     if torch.device(device).type == "cpu":
-        native.gemv_kernel(dtype)  # a first-ever run compiles the decode kernel here, not inside a timed prefill
+        native.gemv_kernel(dtype)  # a first-ever run compiles the native kernels here, not in a timed prefill
     return model.eval()
 
 
