@@ -16,6 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from generate import read_bandwidth  # bench/generate.py: the same read roof as the engine benchmark
 from merger.engine import matmul, native
 from merger.io.dtypes import parse_dtype
 
@@ -23,13 +24,12 @@ from merger.io.dtypes import parse_dtype
 def best(fn, reps: int) -> float:
     """Seconds of the fastest of `reps` calls, after one warm-up call."""
     fn()
-    return min(_time(fn) for _ in range(reps))
-
-
-def _time(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
 
 
 def bench_gemv(dtype: torch.dtype, n: int, k: int, set_bytes: float, reps: int, bw: float) -> str:
@@ -85,10 +85,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {native.status()}")
-    buf = torch.ones(2**28)
-    bw = 2**30 / min(_time(buf.sum) for _ in range(3))
-    del buf
-    print(f"streaming read (sum over 1 GiB): {bw / 1e9:.1f} GB/s")
+    bw = read_bandwidth()
+    print(f"streaming read (sum over 1 GiB, best of 5): {bw / 1e9:.1f} GB/s")
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     dtypes = [parse_dtype(d) for d in a.dtypes.split(",")]
     for dtype in dtypes:

@@ -36,7 +36,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded kernel library or None, why): built at most once per process, reused across processes."""
     if os.environ.get("MERGER_NATIVE", "1") == "0":
         return None, "disabled by MERGER_NATIVE=0"
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+    if sys.platform != "linux" or platform.machine() != "x86_64":
         return None, f"no kernel for {sys.platform}/{platform.machine()}"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None, f"CPU capability {torch.backends.cpu.get_cpu_capability()} lacks AVX2"
