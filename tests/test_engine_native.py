@@ -75,9 +75,10 @@ def test_gemv_equals_float64_math(dtype, rows, n, k):
         assert_close(linear(xs, w).double(), w.double() @ xs.double(), atol=1e-4 * k ** 0.5, rtol=1e-5)
 
 
-# rows around the 16-token tile, n around the 6-row strip, k around the 256-wide slice and the 8-wide load
+# rows around the 16-token tile and the 256-token chunk, n around the 6-row strip and the 8-strip block
+# (130: a block and a part on each of 2 threads), k around the 256-wide slice and the 8-wide load
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [BLOCKED_MIN_ROWS, 16, 17, 45])
+@pytest.mark.parametrize("rows", [BLOCKED_MIN_ROWS, 16, 17, 45, 300])
 @pytest.mark.parametrize("n,k", [(1, 3), (5, 256), (6, 257), (37, 29), (130, 700)])
 def test_gemm_equals_float64_math(dtype, rows, n, k):
     _usable("gemm", dtype)
