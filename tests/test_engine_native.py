@@ -90,12 +90,24 @@ def test_gemm_with_float32_weights_and_a_batch_dimension():
     [B, T, K] input, as the model calls it."""
     kernel = _usable("gemm", torch.float32)
     x, w, b, ref = _case(torch.float32, 33, 70, 300)
-    out_t = native.gemm(x, w, kernel)
-    assert out_t.shape == (70, 33)
-    assert_close(out_t.t().double(), ref - b.double(), atol=1e-4 * (1 + ref.abs().max().item()), rtol=1e-5)
+    out = native.gemm(x, w, kernel, b)
+    assert out.shape == (33, 70) and out.dtype == torch.float32
+    assert_close(out.double(), ref, atol=1e-4 * (1 + ref.abs().max().item()), rtol=1e-5)
     x, w, b, ref = _case(torch.bfloat16, 24, 50, 300)
     out = linear(x.view(2, 12, 300), w, b, out_dtype=torch.float32)
     assert_close(out.view(24, 50).double(), ref, atol=1e-4 * (1 + ref.abs().max().item()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemm_rounds_inf_and_nan_as_torch_does(dtype):
+    """gemm rounds its float32 sums to the model dtype itself: overflow, inf and NaN must come out as torch's."""
+    _usable("gemm", dtype)
+    x, w, b, _ = _case(dtype, 20, 13, 40)
+    x[3, 5], x[7, :] = float("inf"), float("nan")
+    x[11] *= 3e4  # past fp16's range: the float32 sums round to inf there
+    out32 = linear(x, w, b, out_dtype=torch.float32)
+    assert out32[7].isnan().all() and not out32[0].isnan().any()
+    assert_close(linear(x, w, b), out32.to(dtype), atol=0, rtol=0, equal_nan=True)
 
 
 def test_empty_inner_dimension_gives_zeros_or_bias():

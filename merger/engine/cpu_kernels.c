@@ -4,8 +4,8 @@
  *
  * gemv: Y[m, n] = sum_k X[m, k] * W[n, k] for a few rows m (decode), bound by how fast W is read. Each
  *   weight element is widened to float32 in registers and used for all M rows while it is in L1.
- * gemm: Ct[n, m] = the same sum for many rows (prefill), written transposed, bound by FMA throughput.
- *   Weights are widened while packed into L2-sized blocks, so no float32 copy of W is made.
+ * gemm: Y[m, n] = the same sum (+ bias) for many rows (prefill), bound by FMA throughput, written in
+ *   float32, bf16 or fp16. Weights are widened while packed into L2-sized blocks: no float32 copy of W.
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -115,16 +115,18 @@ void merger_gemv_fp32(const float *W, long N, long K, long ldw, const float *X, 
  * KC-wide slice of K, into token groups Xp[q][g][k][MR] (L2/L3). Each thread takes a contiguous run of
  * NR-row weight strips and walks it MB strips at a time: for each slice it widens the block's weights
  * into float32 Wp[MB][NR][KC] (L2), then runs the NR x MR micro-tile over every token group and strip,
- * so a token group stays in L1 across the block's strips and the block's output tile Ct (MB*NR rows x
- * the chunk's tokens) stays in cache across slices. Measured on a 2-core EPYC (bench/kernels.py, FMA
- * peak ~88 GFLOP/s per core measured with a register-only loop): 150-170 GFLOP/s on 2 threads for 64-512
- * tokens. Slicing outside the strip loop, as before, ran the MoE's 11264x2048 expert projection at
- * 64 tokens 20-35% slower: its Ct (2.9 MB) left L2 on every slice. Blocks of 4-16 strips measured alike. */
+ * so a token group stays in L1 across the block's strips, and the block's partial sums (Cs, MB*NR rows x
+ * the chunk's tokens) stay in L2 across slices. The last slice adds the bias and writes Y[m][n] directly,
+ * rounded to Y's type: no transposing pass afterwards.
+ * Measured on a 2-core EPYC (bench/kernels.py; FMA peak ~88 GFLOP/s per core, from a register-only loop):
+ * 150-170 GFLOP/s on 2 threads for 64-512 tokens. With the slices outside the strip loop, as before, the
+ * MoE's 11264x2048 expert projection at 64 tokens ran 20-35% slower: its partial sums (2.9 MB) left L2 on
+ * every slice. Blocks of 4-16 strips measured alike. */
 
 #define KC 256     /* k per slice: a strip's Wp is 6 KiB, a token group's Xp 16 KiB */
 #define NR 6       /* weight rows per micro-tile */
 #define MR 16      /* tokens per micro-tile: two ymm; 6 x 2 accumulators + 3 operands = 15 of 16 registers */
-#define MB 8       /* strips per block: Wp is 48 KiB */
+#define MB 8       /* strips per block: Wp and Cs are 48 KiB each */
 #define CHUNK 256  /* tokens per chunk: Xp is at most 1 KiB x K */
 
 /* Wp[i][k] = W[n0 + i][p + k] as float32, zero rows from `rows` on */
@@ -158,43 +160,98 @@ static inline void pack_x(const float *X, long ldx, long rows, long kc, float *X
     }
 }
 
-/* Ct[i][m] (+)= sum_k Wp[i][k] * Xp[k][m] for i < rows, m < MR */
-static inline void micro(const float *Wp, const float *Xp, long kc, float *Ct, long ldc, long rows, int add) {
+/* 8 float32 -> bf16 bits, rounded to nearest even as torch rounds (NaN -> 0x7fc0) */
+static inline __m128i to_bf16x8(__m256 v) {
+    __m256i u = _mm256_castps_si256(v), one = _mm256_set1_epi32(1);
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                                     _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+    r = _mm256_srli_epi32(r, 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    /* 32-bit lanes to 16-bit: packus works within 128-bit halves, so reorder the 64-bit quarters */
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+}
+
+/* where a micro-tile's sums go: partial sums Cs (row stride CHUNK) between slices, Y on the last one */
+typedef struct {
+    void *Y;
+    long ldy, tokens;   /* valid tokens of this tile (<= MR) */
+    const float *bias;  /* NULL or bias[n0..] */
+    int out;            /* BF16, FP16 or FP32: Y's element type */
+} tile_out;
+
+/* Tile (NR weight rows x 8*halves tokens) of sum_k Wp[i][k] * Xp[k][m]; added to the partial sums in Cs
+ * unless `first`; kept in Cs unless `last`, when it goes (+ bias) to Y[m][n0 + i], transposed, rounded. */
+static inline __attribute__((always_inline)) void micro(const float *Wp, const float *Xp, long kc, float *Cs,
+                                                        long rows, int first, int last, const tile_out *o,
+                                                        const int halves) {
     __m256 c[NR][2];
     for (int i = 0; i < NR; i++)
         c[i][0] = c[i][1] = _mm256_setzero_ps();
     for (long k = 0; k < kc; k++) {
-        __m256 b0 = _mm256_loadu_ps(Xp + k * MR), b1 = _mm256_loadu_ps(Xp + k * MR + 8);
+        __m256 b0 = _mm256_loadu_ps(Xp + k * MR), b1 = halves == 2 ? _mm256_loadu_ps(Xp + k * MR + 8) : b0;
         for (int i = 0; i < NR; i++) {
             __m256 a = _mm256_broadcast_ss(Wp + i * KC + k);
             c[i][0] = _mm256_fmadd_ps(a, b0, c[i][0]);
-            c[i][1] = _mm256_fmadd_ps(a, b1, c[i][1]);
+            if (halves == 2)
+                c[i][1] = _mm256_fmadd_ps(a, b1, c[i][1]);
         }
     }
-    for (int i = 0; i < NR && i < rows; i++) {
-        float *dst = Ct + i * ldc;
-        if (add) {
-            c[i][0] = _mm256_add_ps(c[i][0], _mm256_loadu_ps(dst));
-            c[i][1] = _mm256_add_ps(c[i][1], _mm256_loadu_ps(dst + 8));
+    /* the accumulators leave registers once, here, at constant indices: indexing c by a run-time row
+     * count below made gcc keep c in memory inside the k loop (measured 2.3x slower) */
+    union { float f[NR][MR]; uint16_t h[NR][MR]; } t __attribute__((aligned(32)));
+    for (int i = 0; i < NR; i++)
+        for (int h = 0; h < halves; h++)
+            _mm256_store_ps(&t.f[i][8 * h], c[i][h]);
+    for (long i = 0; i < rows; i++)
+        for (int h = 0; h < halves; h++) {
+            __m256 v = _mm256_load_ps(&t.f[i][8 * h]);
+            if (!first)
+                v = _mm256_add_ps(v, _mm256_loadu_ps(Cs + i * CHUNK + 8 * h));
+            if (!last) {
+                _mm256_storeu_ps(Cs + i * CHUNK + 8 * h, v);
+                continue;
+            }
+            if (o->bias)  /* last slice: + bias, rounded 8 at a time, written transposed below */
+                v = _mm256_add_ps(v, _mm256_set1_ps(o->bias[i]));
+            if (o->out == FP32)
+                _mm256_store_ps(&t.f[i][8 * h], v);
+            else if (o->out == FP16)
+                _mm_store_si128((__m128i *)&t.h[i][8 * h], _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+            else
+                _mm_store_si128((__m128i *)&t.h[i][8 * h], to_bf16x8(v));
         }
-        _mm256_storeu_ps(dst, c[i][0]);
-        _mm256_storeu_ps(dst + 8, c[i][1]);
+    if (!last)
+        return;
+    if (o->out == FP32) {
+        for (long m = 0; m < o->tokens; m++)
+            for (long i = 0; i < rows; i++)
+                ((float *)o->Y)[m * o->ldy + i] = t.f[i][m];
+    } else {
+        for (long m = 0; m < o->tokens; m++)
+            for (long i = 0; i < rows; i++)
+                ((uint16_t *)o->Y)[m * o->ldy + i] = t.h[i][m];
     }
 }
 
-/* Ct [N, ldc] with ldc >= M rounded up to MR: the padding columns get written too. 0, or 1 if out of memory. */
+/* Y[m][n] = sum_k X[m][k] * W[n][k] (+ bias[n]) in Y's type `out`. 0, or 1 if out of memory. */
 static inline __attribute__((always_inline)) int gemm(const void *W, long N, long K, long ldw, const float *X,
-                                                      long M, long ldx, float *Ct, long ldc, int nthreads,
-                                                      const int kind) {
+                                                      long M, long ldx, void *Y, long ldy, const float *bias,
+                                                      int out, int nthreads, const int kind) {
     long strips = (N + NR - 1) / NR, slices = (K + KC - 1) / KC;
     if (K == 0) {
-        for (long n = 0; n < N; n++)
-            memset(Ct + n * ldc, 0, (M + MR - 1) / MR * MR * sizeof(float));
+        float t[NR][MR] = {{0}};
+        for (long m0 = 0; m0 < M; m0 += MR)
+            for (long n0 = 0; n0 < N; n0 += NR) {
+                tile_out o = { (char *)Y + (m0 * ldy + n0) * (out == FP32 ? 4 : 2), ldy,
+                               M - m0 < MR ? M - m0 : MR, bias ? bias + n0 : NULL, out };
+                micro((const float *)t, (const float *)t, 0, NULL, N - n0 < NR ? N - n0 : NR, 1, 1, &o, 2);
+            }
         return 0;
     }
-    long chunk = M < CHUNK ? M : CHUNK;
-    float *Xp = aligned_alloc(64, slices * ((chunk + MR - 1) / MR) * KC * MR * sizeof(float));
-    if (!Xp)
+    long chunk = M < CHUNK ? M : CHUNK, xp = slices * ((chunk + MR - 1) / MR) * KC * MR;
+    long per_thread = MB * NR * KC + MB * NR * CHUNK;  /* Wp, Cs */
+    float *buf = aligned_alloc(64, (xp + nthreads * per_thread) * sizeof(float));
+    if (!buf)
         return 1;
     for (long m0 = 0; m0 < M; m0 += CHUNK) {
         long tokens = M - m0 < CHUNK ? M - m0 : CHUNK, groups = (tokens + MR - 1) / MR;
@@ -205,10 +262,10 @@ static inline __attribute__((always_inline)) int gemm(const void *W, long N, lon
                 for (long g = 0; g < groups; g++) {
                     long p = q * KC, rows = tokens - g * MR;
                     pack_x(X + (m0 + g * MR) * ldx + p, ldx, rows < MR ? rows : MR, K - p < KC ? K - p : KC,
-                           Xp + (q * groups + g) * KC * MR);
+                           buf + (q * groups + g) * KC * MR);
                 }
-            float Wp[MB * NR * KC] __attribute__((aligned(64)));
             int nt = omp_get_num_threads(), t = omp_get_thread_num();
+            float *Wp = buf + xp + t * per_thread, *Cs = Wp + MB * NR * KC;
             long s0 = strips * t / nt, s1 = strips * (t + 1) / nt;
             for (long b = s0; b < s1; b += MB) {
                 long nb = s1 - b < MB ? s1 - b : MB;
@@ -228,31 +285,39 @@ static inline __attribute__((always_inline)) int gemm(const void *W, long N, lon
                             for (long k = 0; k < KC && pn + k < K; k += (kind == FP32 ? 16 : 32))
                                 _mm_prefetch(at(W, (nn + i) * ldw + pn + k, kind), _MM_HINT_T1);
                     }
-                    for (long g = 0; g < groups; g++)
+                    for (long g = 0; g < groups; g++) {
+                        long valid = tokens - g * MR < MR ? tokens - g * MR : MR;
                         for (long s = 0; s < nb; s++) {
                             long n0 = (b + s) * NR, rows = N - n0 < NR ? N - n0 : NR;
-                            micro(Wp + s * NR * KC, Xp + (q * groups + g) * KC * MR, kc,
-                                  Ct + n0 * ldc + m0 + g * MR, ldc, rows, q > 0);
+                            tile_out o = { (char *)Y + ((m0 + g * MR) * ldy + n0) * (out == FP32 ? 4 : 2), ldy,
+                                           valid, bias ? bias + n0 : NULL, out };
+                            const float *wp = Wp + s * NR * KC, *x = buf + (q * groups + g) * KC * MR;
+                            float *cs = Cs + s * NR * CHUNK + g * MR;
+                            if (valid > 8)  /* a last group of <= 8 tokens runs half as wide */
+                                micro(wp, x, kc, cs, rows, q == 0, q == slices - 1, &o, 2);
+                            else
+                                micro(wp, x, kc, cs, rows, q == 0, q == slices - 1, &o, 1);
                         }
+                    }
                 }
             }
         }
     }
-    free(Xp);
+    free(buf);
     return 0;
 }
 
-int merger_gemm_bf16(const uint16_t *W, long N, long K, long ldw, const float *X, long M, long ldx,
-                     float *Ct, long ldc, int nthreads) {
-    return gemm(W, N, K, ldw, X, M, ldx, Ct, ldc, nthreads, BF16);
+int merger_gemm_bf16(const uint16_t *W, long N, long K, long ldw, const float *X, long M, long ldx, void *Y,
+                     long ldy, const float *bias, int out, int nthreads) {
+    return gemm(W, N, K, ldw, X, M, ldx, Y, ldy, bias, out, nthreads, BF16);
 }
 
-int merger_gemm_fp16(const uint16_t *W, long N, long K, long ldw, const float *X, long M, long ldx,
-                     float *Ct, long ldc, int nthreads) {
-    return gemm(W, N, K, ldw, X, M, ldx, Ct, ldc, nthreads, FP16);
+int merger_gemm_fp16(const uint16_t *W, long N, long K, long ldw, const float *X, long M, long ldx, void *Y,
+                     long ldy, const float *bias, int out, int nthreads) {
+    return gemm(W, N, K, ldw, X, M, ldx, Y, ldy, bias, out, nthreads, FP16);
 }
 
-int merger_gemm_fp32(const float *W, long N, long K, long ldw, const float *X, long M, long ldx,
-                     float *Ct, long ldc, int nthreads) {
-    return gemm(W, N, K, ldw, X, M, ldx, Ct, ldc, nthreads, FP32);
+int merger_gemm_fp32(const float *W, long N, long K, long ldw, const float *X, long M, long ldx, void *Y,
+                     long ldy, const float *bias, int out, int nthreads) {
+    return gemm(W, N, K, ldw, X, M, ldx, Y, ldy, bias, out, nthreads, FP32);
 }

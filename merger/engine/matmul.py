@@ -72,9 +72,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
         if b is not None:
             y += b.float()
         return y.to(out_dtype).view(*x.shape[:-1], w.shape[0])
-    if kernel is not None:
-        out_t = native.gemm(x.reshape(rows, x.shape[-1]).float().contiguous(), w, kernel)  # float32 [N, rows]
-        return _untranspose(out_t, b, out_dtype, x.shape[:-1])
+    if kernel is not None and out_dtype in (torch.float32, x.dtype):
+        y = native.gemm(x.reshape(rows, x.shape[-1]).float().contiguous(), w, kernel, b, out_dtype)
+        return y.view(*x.shape[:-1], w.shape[0])
     if not use_blocked(x):
         y = F.linear(x, w, b)
         return y if y.dtype == out_dtype else y.to(out_dtype)

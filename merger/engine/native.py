@@ -27,8 +27,12 @@ from merger.cache import cache_dir
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # the C enum { BF16, FP16, FP32 }
+# W, N, K, ldw, X, M, ldx, Y, ldy, then gemm's bias and Y type, then threads
 _ARGS = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
-         ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
+         ctypes.c_long, ctypes.c_void_p, ctypes.c_long]
+_SIGNATURES = {"gemv": (_ARGS + [ctypes.c_int], None),
+               "gemm": (_ARGS + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int], ctypes.c_int)}
 
 
 @functools.cache
@@ -62,9 +66,9 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     except OSError as e:
         return None, f"loading {lib_path} failed: {e}"
     for suffix in _TYPES.values():
-        for op, restype in (("gemv", None), ("gemm", ctypes.c_int)):
+        for op, (argtypes, restype) in _SIGNATURES.items():
             fn = getattr(lib, f"merger_{op}_{suffix}")
-            fn.argtypes, fn.restype = _ARGS, restype
+            fn.argtypes, fn.restype = argtypes, restype
     return lib, f"{lib_path}"
 
 
@@ -109,14 +113,21 @@ def gemv(x: torch.Tensor, w: torch.Tensor, kernel) -> torch.Tensor:
     return y
 
 
-def gemm(x: torch.Tensor, w: torch.Tensor, kernel) -> torch.Tensor:
-    """The same product, transposed: float32 [N, M] (a view into rows padded to 16 tokens)."""
+def gemm(x: torch.Tensor, w: torch.Tensor, kernel, bias: torch.Tensor | None = None,
+         out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The same product (+ bias) for many rows: [M, N] in out_dtype (float32, bf16 or fp16), summed in
+    float32 and rounded once, as torch rounds."""
     _check(x, w)
     m, k = x.shape
     n = w.shape[0]
-    ldc = -(-m // 16) * 16  # the kernel writes whole 16-token tiles
-    out_t = torch.empty(n, ldc, dtype=torch.float32)
-    if kernel(w.data_ptr(), n, k, w.stride(0), x.data_ptr(), m, x.stride(0), out_t.data_ptr(), ldc,
-              torch.get_num_threads()):
+    if out_dtype not in _OUT:
+        raise ValueError(f"native gemm: no {out_dtype} output")
+    if bias is not None:
+        if bias.shape != (n,) or bias.device.type != "cpu":
+            raise ValueError(f"native gemm: bias {tuple(bias.shape)} does not fit {n} outputs")
+        bias = bias.float().contiguous()
+    y = torch.empty(m, n, dtype=out_dtype)
+    if kernel(w.data_ptr(), n, k, w.stride(0), x.data_ptr(), m, x.stride(0), y.data_ptr(), n,
+              None if bias is None else bias.data_ptr(), _OUT[out_dtype], torch.get_num_threads()):
         raise MemoryError(f"native gemm: no memory for a {m}-token packing buffer")
-    return out_t[:, :m]
+    return y
