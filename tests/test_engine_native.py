@@ -77,7 +77,7 @@ def test_gemv_equals_float64_math(dtype, rows, n, k):
 
 # rows around the 16-token tile and the 256-token chunk, n around the 6-row strip and the 8-strip block
 # (130: a block and a part on each of 2 threads), k around the 256-wide slice and the 8-wide load
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [BLOCKED_MIN_ROWS, 16, 17, 45, 300])
 @pytest.mark.parametrize("n,k", [(1, 3), (5, 256), (6, 257), (37, 29), (130, 700)])
 def test_gemm_equals_float64_math(dtype, rows, n, k):
@@ -86,8 +86,8 @@ def test_gemm_equals_float64_math(dtype, rows, n, k):
 
 
 def test_gemm_with_float32_weights_and_a_batch_dimension():
-    """linear keeps float32 prefill on MKL, so the float32 gemm is checked directly; the bf16 one through a
-    [B, T, K] input, as the model calls it."""
+    """The float32 gemm called directly (on AVX-512 machines linear leaves float32 prefill to MKL); the bf16
+    one through a [B, T, K] input, as the model calls it."""
     kernel = _usable("gemm", torch.float32)
     x, w, b, ref = _case(torch.float32, 33, 70, 300)
     out = native.gemm(x, w, kernel, b)
