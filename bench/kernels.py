@@ -3,8 +3,8 @@
 gemv (decode, one token): each shape is repeated until the set is far larger than the last-level cache,
 so every call reads its weights from memory; prints the read rate of both (GB/s), the ratio, and a
 streaming-read bandwidth measured in the same run for scale.
-gemm (prefill, --tokens rows): half-precision weights, against the engine's torch path (weight blocks
-upcast for MKL's float32 GEMM); prints GFLOP/s of both and the ratio.
+gemm (prefill, --tokens rows): the engine's linear with the native kernels and without them (then weight
+blocks, upcast if half, go to MKL's float32 GEMM); prints GFLOP/s of both and the ratio.
     python3 bench/kernels.py
     python3 bench/kernels.py --dtypes bfloat16 --shapes 14336x4096,4096x14336 --tokens 64,512
 """
@@ -58,7 +58,7 @@ def bench_gemm(dtype: torch.dtype, n: int, k: int, tokens: int, reps: int) -> st
     w = torch.randn(n, k, generator=g).to(dtype)
     x = torch.randn(tokens, k, generator=g).to(dtype)
     flop = 2 * n * k * tokens
-    kernel = native.gemm_kernel(dtype)
+    kernel = matmul._native_kernel(x, w, tokens)  # None where linear would not take gemm here
     off = lambda x, w, rows: None  # noqa: E731 - the engine's torch path: no native kernel found
     real, matmul._native_kernel = matmul._native_kernel, off
     try:
@@ -79,7 +79,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="11264x2048,2048x5632,3072x2048", help="NxK weight shapes")
-    ap.add_argument("--dtypes", default="bfloat16,float32", help="gemv: these; gemm: the half ones among them")
+    ap.add_argument("--dtypes", default="bfloat16,float32", help="weight dtypes")
     ap.add_argument("--tokens", default="64,128", help="gemm rows")
     ap.add_argument("--set-bytes", type=float, default=256e6, help="gemv: bytes of distinct weights per shape")
     ap.add_argument("--reps", type=int, default=5)
@@ -92,7 +92,7 @@ def main() -> None:
     for dtype in dtypes:
         for n, k in shapes:
             print(bench_gemv(dtype, n, k, a.set_bytes, a.reps, bw), flush=True)
-    for dtype in (d for d in dtypes if d != torch.float32):
+    for dtype in dtypes:
         for tokens in (int(t) for t in a.tokens.split(",")):
             for n, k in shapes:
                 print(bench_gemm(dtype, n, k, tokens, a.reps), flush=True)
