@@ -1,12 +1,13 @@
 """The native CPU kernels (merger/engine/cpu_kernels.c): gemv and gemm against float64 math for every shape,
-stride and tile edge they accept, and the fallbacks when they cannot be built. A bf16 model with them and
-without: test_engine.py."""
+stride and tile edge they accept, RMSNorm and one-query attention against torch's own, and the fallbacks
+when they cannot be built. A bf16 model with them and without: test_engine.py."""
 from __future__ import annotations
 
 import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.testing import assert_close
 
 from merger.engine import native
@@ -110,6 +111,46 @@ def test_gemm_rounds_inf_and_nan_as_torch_does(dtype):
     assert_close(linear(x, w, b), out32.to(dtype), atol=0, rtol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (3, 37), (2, 20, 130), (1, 7)])
+def test_rmsnorm_equals_torch(dtype, shape):
+    """Float32 math; in half precision two roundings (normalised row, then times the weight), as transformers."""
+    kernel = native.rmsnorm_kernel(dtype)
+    if kernel is None:
+        pytest.skip(native.status())
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=g) * 4).to(dtype)
+    w = torch.randn(shape[-1], generator=g).to(dtype)
+    ref = F.rms_norm(x, w.shape, w, 1e-5) if dtype == torch.float32 else \
+        w * F.rms_norm(x.float(), w.shape, None, 1e-5).to(dtype)
+    out = native.rmsnorm(x, w, 1e-5, kernel)
+    assert out.shape == x.shape and out.dtype == dtype
+    # the sum of squares in another order may move a value by one float32 ulp, which can flip a rounding
+    assert_close(out, ref, rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        native.rmsnorm(x, w[:-1], 1e-5, kernel)
+
+
+@pytest.mark.parametrize("bsz,heads,kv_heads,keys,dim", [(1, 16, 4, 300, 128), (2, 8, 8, 1, 64), (1, 6, 2, 37, 20),
+                                                          (3, 4, 1, 2000, 8)])
+def test_one_query_attention_equals_sdpa(bsz, heads, kv_heads, keys, dim):
+    """Keys and values as the KV cache hands them over: views of a longer buffer, query heads grouped."""
+    kernel = native.attend_kernel(torch.float32)
+    if kernel is None:
+        pytest.skip(native.status())
+    g = torch.Generator().manual_seed(keys)
+    cache_k, cache_v = (torch.randn(bsz, kv_heads, keys + 9, dim, generator=g) * 2 for _ in range(2))
+    k, v = cache_k[:, :, :keys], cache_v[:, :, :keys]
+    q = torch.randn(bsz, dim, heads, generator=g).transpose(1, 2)  # not contiguous, as the model's q
+    out = native.attend(q, k, v, dim ** -0.5, kernel)
+    ref = F.scaled_dot_product_attention(q[:, :, None], k, v, scale=dim ** -0.5, enable_gqa=True)[:, :, 0]
+    assert out.shape == (bsz, heads, dim)
+    assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not fit"):
+        native.attend(q, k, v.contiguous(), dim ** -0.5, kernel)  # strides that differ from k's
+    assert native.attend_kernel(torch.bfloat16) is None  # a half-precision cache stays on SDPA
+
+
 def test_empty_inner_dimension_gives_zeros_or_bias():
     for rows in (1, 20):
         for dtype in (torch.bfloat16, torch.float32):
@@ -134,6 +175,7 @@ def test_mismatched_shapes_never_reach_the_kernels():
 def test_disabled_by_environment(fresh_native, monkeypatch):
     monkeypatch.setenv("MERGER_NATIVE", "0")
     assert native.gemv_kernel(torch.bfloat16) is None and native.gemm_kernel(torch.bfloat16) is None
+    assert native.rmsnorm_kernel(torch.float32) is None and native.attend_kernel(torch.float32) is None
     assert native.status() == "native CPU kernels: off (disabled by MERGER_NATIVE=0)"
 
 

@@ -1,8 +1,9 @@
-"""The engine's native CPU kernels (cpu_kernels.c: gemv for decode, gemm for prefill; bf16/fp16/fp32
-weights; AVX2), compiled on first use with the system C compiler into the merger cache, called via ctypes.
+"""The engine's native CPU kernels (cpu_kernels.c: gemv for decode, gemm for prefill, bf16/fp16/fp32 weights;
+RMSNorm and one-query attention for decode; AVX2), compiled on first use with the system C compiler into the
+merger cache, called via ctypes.
 
 Optional by design: with no compiler, another CPU, or MERGER_NATIVE=0, the `*_kernel` lookups return None
-and the engine stays on torch's own matmul. Why they exist: decode is nothing but GEMVs, and torch's
+and the engine stays on torch's own ops. Why they exist: decode is nothing but GEMVs, and torch's
 reach about half the memory bandwidth on CPUs without native bf16 math (its bf16 one is compute-bound
 there) and ~65% in float32 (measured on a 2-core EPYC: 15-16 GB/s against 21-25 GB/s for gemv); prefill
 in bf16 otherwise upcasts weight blocks for MKL, which gemm does inside its packing.
@@ -26,13 +27,22 @@ from merger.cache import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
+LIBS = ["-lm"]
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # the C enum { BF16, FP16, FP32 }
 # W, N, K, ldw, X, M, ldx, Y, ldy, then gemm's bias and Y type, then threads
 _ARGS = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
          ctypes.c_long, ctypes.c_void_p, ctypes.c_long]
-_SIGNATURES = {"gemv": (_ARGS + [ctypes.c_int], None),
-               "gemm": (_ARGS + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int], ctypes.c_int)}
+_P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+# op -> (argument types, result type, weight types it exists for)
+_SIGNATURES = {
+    "gemv": (_ARGS + [_I], None, tuple(_TYPES)),
+    "gemm": (_ARGS + [_P, _I, _I], _I, tuple(_TYPES)),
+    # X, rows, dim, ldx, w, eps, Y, ldy, threads
+    "rmsnorm": ([_P, _L, _L, _L, _P, _F, _P, _L, _I], None, tuple(_TYPES)),
+    # Q, B, H, D, K, V, KV, S, batch / head / position strides of K and V, scale, O, threads
+    "attend": ([_P, _L, _L, _L, _P, _P, _L, _L, _L, _L, _L, _F, _P, _I], _I, (torch.float32,)),
+}
 
 
 @functools.cache
@@ -47,14 +57,14 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         return None, "no C compiler found (set CC)"
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, *LIBS]).encode()).hexdigest()[:16]
     lib_path = cache_dir("kernels") / f"{SOURCE.stem}-{key}.so"
     if not lib_path.exists():
         try:
             lib_path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
                 out = Path(tmp) / lib_path.name
-                subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], check=True, capture_output=True,
+                subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), *LIBS], check=True, capture_output=True,
                                timeout=120)
                 os.replace(out, lib_path)  # atomic: a concurrent build just replaces it with the same file
         except (OSError, subprocess.SubprocessError) as e:
@@ -65,9 +75,9 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(lib_path))
     except OSError as e:
         return None, f"loading {lib_path} failed: {e}"
-    for suffix in _TYPES.values():
-        for op, (argtypes, restype) in _SIGNATURES.items():
-            fn = getattr(lib, f"merger_{op}_{suffix}")
+    for op, (argtypes, restype, dtypes) in _SIGNATURES.items():
+        for dtype in dtypes:
+            fn = getattr(lib, f"merger_{op}_{_TYPES[dtype]}")
             fn.argtypes, fn.restype = argtypes, restype
     return lib, f"{lib_path}"
 
@@ -88,8 +98,18 @@ def gemm_kernel(dtype: torch.dtype):
     return _kernel("gemm", dtype)
 
 
+def rmsnorm_kernel(dtype: torch.dtype):
+    """RMSNorm of rows in `dtype`, or None when the native kernels are unavailable."""
+    return _kernel("rmsnorm", dtype)
+
+
+def attend_kernel(dtype: torch.dtype):
+    """One-query attention over a cache in `dtype` (float32 only), or None."""
+    return _kernel("attend", dtype)
+
+
 def _kernel(op: str, dtype: torch.dtype):
-    if dtype not in _TYPES:
+    if dtype not in _SIGNATURES[op][2]:
         return None
     lib, _ = _library()
     return None if lib is None else getattr(lib, f"merger_{op}_{_TYPES[dtype]}")
@@ -131,3 +151,33 @@ def gemm(x: torch.Tensor, w: torch.Tensor, kernel, bias: torch.Tensor | None = N
               None if bias is None else bias.data_ptr(), _OUT[out_dtype], torch.get_num_threads()):
         raise MemoryError(f"native gemm: no memory for a {m}-token packing buffer")
     return y
+
+
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, kernel) -> torch.Tensor:
+    """RMSNorm over the last dim of x, scaled by w (same dtype): a new tensor shaped like x."""
+    dim = x.shape[-1]
+    x2 = x.reshape(-1, dim)
+    if (w.shape != (dim,) or w.dtype != x.dtype or not w.is_contiguous() or x2.stride(-1) != 1
+            or x.device.type != "cpu" or w.device.type != "cpu"):
+        raise ValueError(f"native rmsnorm: x {tuple(x.shape)} {x.dtype} and w {tuple(w.shape)} {w.dtype} do not fit")
+    y = torch.empty(x2.shape, dtype=x.dtype)
+    kernel(x2.data_ptr(), x2.shape[0], dim, x2.stride(0), w.data_ptr(), eps, y.data_ptr(), dim,
+           torch.get_num_threads())
+    return y.view(x.shape)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kernel) -> torch.Tensor:
+    """One query per head: q [B, H, D], k and v [B, KV, S, D] views of one shape and strides (unit last
+    stride), H a multiple of KV, all float32 -> softmax(scale q k^T) v as float32 [B, H, D]."""
+    bsz, heads, dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    if (k.shape != v.shape or k.stride() != v.stride() or k.dim() != 4 or k.shape[0] != bsz or k.shape[3] != dim
+            or heads % kv_heads or k.stride(3) != 1 or any(t.dtype != torch.float32 or t.device.type != "cpu"
+                                                          for t in (q, k, v))):
+        raise ValueError(f"native attend: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
+    q = q.contiguous()
+    out = torch.empty(bsz, heads, dim, dtype=torch.float32)
+    if kernel(q.data_ptr(), bsz, heads, dim, k.data_ptr(), v.data_ptr(), kv_heads, keys, k.stride(0),
+              k.stride(1), k.stride(2), scale, out.data_ptr(), torch.get_num_threads()):
+        raise MemoryError(f"native attend: no memory for {keys} scores")
+    return out
