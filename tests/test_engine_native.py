@@ -68,9 +68,15 @@ def _check(x, w, b, ref):
 @pytest.mark.parametrize("rows", [1, 2, 3, 7])
 @pytest.mark.parametrize("n,k", [(37, 29), (130, 1000), (9, 8), (4, 2055)])
 def test_gemv_equals_float64_math(dtype, rows, n, k):
-    _usable("gemv", dtype)
+    kernel = _usable("gemv", dtype)
     x, w, b, ref = _case(dtype, rows, n, k)
     _check(x, w, b, ref)
+    # float32 input with half weights and the other way round (the kernel widens x itself)
+    other = torch.float32 if dtype != torch.float32 else torch.bfloat16
+    xo = x.to(other)
+    out = native.gemv(xo, w, kernel, b, out_dtype=torch.float32)
+    assert_close(out.double(), xo.double() @ w.double().t() + b.double(),
+                 atol=1e-4 * (1 + ref.abs().max().item()), rtol=1e-5)
     if dtype == torch.float32 and rows == 1:  # x itself a strided view: its rows are made contiguous first
         xs = torch.randn(k, 2, generator=torch.Generator().manual_seed(k))[:, 0]
         assert_close(linear(xs, w).double(), w.double() @ xs.double(), atol=1e-4 * k ** 0.5, rtol=1e-5)
@@ -166,10 +172,19 @@ def test_mismatched_shapes_never_reach_the_kernels():
     for op in ("gemv", "gemm"):
         kernel = getattr(native, f"{op}_kernel")(torch.bfloat16)
         if kernel is not None:
+            run = getattr(native, op)
             with pytest.raises(ValueError, match="do not fit"):
-                getattr(native, op)(torch.randn(1, 12), w, kernel)
+                run(torch.randn(1, 12), w, kernel)
+            with pytest.raises(ValueError, match="do not fit"):  # the kernel of another weight dtype
+                run(torch.randn(2, 16), w.float(), kernel)
+            with pytest.raises(ValueError, match="does not fit 8 outputs"):
+                run(torch.randn(2, 16), w, kernel, bias=torch.zeros(7))
             with pytest.raises(ValueError, match="do not fit"):
-                getattr(native, op)(torch.randn(2, 16).bfloat16(), w, kernel)  # x must be float32
+                run(torch.randn(2, 16), w, kernel, out_dtype=torch.float64)
+    kernel = native.gemm_kernel(torch.bfloat16)
+    if kernel is not None:
+        with pytest.raises(ValueError, match="do not fit"):
+            native.gemm(torch.randn(20, 16).bfloat16(), w, kernel)  # gemm's x must be float32
 
 
 def test_disabled_by_environment(fresh_native, monkeypatch):

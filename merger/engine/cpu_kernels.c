@@ -48,15 +48,67 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* 8 float32 -> bf16 bits, rounded to nearest even as torch rounds (NaN -> 0x7fc0) */
+static inline __m128i to_bf16x8(__m256 v) {
+    __m256i u = _mm256_castps_si256(v), one = _mm256_set1_epi32(1);
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                                     _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+    r = _mm256_srli_epi32(r, 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    /* 32-bit lanes to 16-bit: packus works within 128-bit halves, so reorder the 64-bit quarters */
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+}
+
+/* 8 float32 values to element i of y, rounded to y's type */
+static inline __attribute__((always_inline)) void store8(void *y, long i, __m256 v, const int kind) {
+    if (kind == FP32)
+        _mm256_storeu_ps((float *)y + i, v);
+    else if (kind == FP16)
+        _mm_storeu_si128((__m128i *)((uint16_t *)y + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    else
+        _mm_storeu_si128((__m128i *)((uint16_t *)y + i), to_bf16x8(v));
+}
+
+/* one value, rounded to y's type through the same vector path */
+static inline __attribute__((always_inline)) void store1(void *y, long i, float v, const int kind) {
+    union { uint16_t h[8]; float f[8]; } t;
+    store8(kind == FP32 ? (void *)t.f : (void *)t.h, 0, _mm256_set1_ps(v), kind);
+    if (kind == FP32)
+        ((float *)y)[i] = t.f[0];
+    else
+        ((uint16_t *)y)[i] = t.h[0];
+}
+
 /* --- gemv ---------------------------------------------------------------------------------------- */
 
 #define ROWS 4 /* weight rows per step: 4 x 2 accumulators keep the FMA pipes busy */
 /* While a block streams in, the next block's rows are prefetched: the hardware prefetcher alone stops at
  * every 4 KiB page, and this measured +20-30% read bandwidth (2-core EPYC: 25-28 GB/s against 20-22). */
 
-/* dot products of `rows` (<= ROWS) consecutive weight rows with one float32 vector x */
-static inline __attribute__((always_inline)) void dot_rows(const void *w, long ldw, long rows,
-                                                           const float *x, long K, float *y, const int kind) {
+/* where gemv's sums go: Y[m][n] (+ bias[n]), rounded to Y's type */
+typedef struct {
+    void *Y;
+    long ldy;
+    const float *bias;  /* NULL or float32 [N] */
+    int out;            /* BF16, FP16 or FP32 */
+} gemv_out;
+
+static inline void put(const gemv_out *o, long m, long n, float v) {
+    if (o->bias)
+        v += o->bias[n];
+    long i = m * o->ldy + n;
+    if (o->out == FP32)
+        store1(o->Y, i, v, FP32);
+    else if (o->out == FP16)
+        store1(o->Y, i, v, FP16);
+    else
+        store1(o->Y, i, v, BF16);
+}
+
+/* dot products of `rows` (<= ROWS) consecutive weight rows n.. with one float32 vector x (row m) */
+static inline __attribute__((always_inline)) void dot_rows(const void *w, long ldw, long rows, const float *x,
+                                                           long K, const gemv_out *o, long m, long n,
+                                                           const int kind) {
     __m256 a[ROWS], b[ROWS];
     for (int r = 0; r < ROWS; r++)
         a[r] = b[r] = _mm256_setzero_ps();
@@ -80,35 +132,52 @@ static inline __attribute__((always_inline)) void dot_rows(const void *w, long l
         float s = hsum(_mm256_add_ps(a[r], b[r]));
         for (long j = k; j < K; j++)
             s += load1(w, r * ldw + j, kind) * x[j];
-        y[r] = s;
+        put(o, m, n + r, s);
     }
 }
 
-static inline __attribute__((always_inline)) void gemv(const void *W, long N, long K, long ldw,
-                                                       const float *X, long M, long ldx, float *Y, long ldy,
-                                                       int nthreads, const int kind) {
+/* Y[m][n] = sum_k X[m][k] * W[n][k] (+ bias[n]) for a few rows m. X is bf16, fp16 or float32 (xkind) and
+ * widened once up front; the sums are float32, rounded once into Y's type. 0, or 1 if out of memory. */
+static inline __attribute__((always_inline)) int gemv(const void *W, long N, long K, long ldw, const void *X,
+                                                      long M, long ldx, void *Y, long ldy, const float *bias,
+                                                      int xkind, int out, int nthreads, const int kind) {
+    float *x32 = NULL;
+    const float *x = X;
+    if (xkind != FP32) {
+        x32 = malloc((M * K + 1) * sizeof(float));
+        if (!x32)
+            return 1;
+        for (long m = 0; m < M; m++)
+            for (long k = 0; k < K; k++)
+                x32[m * K + k] = load1(X, m * ldx + k, xkind);
+        x = x32;
+        ldx = K;
+    }
+    gemv_out o = { Y, ldy, bias, out };
     long blocks = (N + ROWS - 1) / ROWS;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long i = 0; i < blocks; i++) {
         long n = i * ROWS, rows = N - n < ROWS ? N - n : ROWS;
         for (long m = 0; m < M; m++) /* later rows of X find this block of W still in L1 */
-            dot_rows(at(W, n * ldw, kind), ldw, rows, X + m * ldx, K, Y + m * ldy + n, kind);
+            dot_rows(at(W, n * ldw, kind), ldw, rows, x + m * ldx, K, &o, m, n, kind);
     }
+    free(x32);
+    return 0;
 }
 
-void merger_gemv_bf16(const uint16_t *W, long N, long K, long ldw, const float *X, long M, long ldx,
-                      float *Y, long ldy, int nthreads) {
-    gemv(W, N, K, ldw, X, M, ldx, Y, ldy, nthreads, BF16);
+int merger_gemv_bf16(const uint16_t *W, long N, long K, long ldw, const void *X, long M, long ldx, void *Y,
+                     long ldy, const float *bias, int xkind, int out, int nthreads) {
+    return gemv(W, N, K, ldw, X, M, ldx, Y, ldy, bias, xkind, out, nthreads, BF16);
 }
 
-void merger_gemv_fp16(const uint16_t *W, long N, long K, long ldw, const float *X, long M, long ldx,
-                      float *Y, long ldy, int nthreads) {
-    gemv(W, N, K, ldw, X, M, ldx, Y, ldy, nthreads, FP16);
+int merger_gemv_fp16(const uint16_t *W, long N, long K, long ldw, const void *X, long M, long ldx, void *Y,
+                     long ldy, const float *bias, int xkind, int out, int nthreads) {
+    return gemv(W, N, K, ldw, X, M, ldx, Y, ldy, bias, xkind, out, nthreads, FP16);
 }
 
-void merger_gemv_fp32(const float *W, long N, long K, long ldw, const float *X, long M, long ldx,
-                      float *Y, long ldy, int nthreads) {
-    gemv(W, N, K, ldw, X, M, ldx, Y, ldy, nthreads, FP32);
+int merger_gemv_fp32(const float *W, long N, long K, long ldw, const void *X, long M, long ldx, void *Y,
+                     long ldy, const float *bias, int xkind, int out, int nthreads) {
+    return gemv(W, N, K, ldw, X, M, ldx, Y, ldy, bias, xkind, out, nthreads, FP32);
 }
 
 /* --- gemm ---------------------------------------------------------------------------------------- */
@@ -159,17 +228,6 @@ static inline void pack_x(const float *X, long ldx, long rows, long kc, float *X
                 dst[k * MR] = 0.f;
         }
     }
-}
-
-/* 8 float32 -> bf16 bits, rounded to nearest even as torch rounds (NaN -> 0x7fc0) */
-static inline __m128i to_bf16x8(__m256 v) {
-    __m256i u = _mm256_castps_si256(v), one = _mm256_set1_epi32(1);
-    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
-                                                     _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
-    r = _mm256_srli_epi32(r, 16);
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-    /* 32-bit lanes to 16-bit: packus works within 128-bit halves, so reorder the 64-bit quarters */
-    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
 }
 
 /* where a micro-tile's sums go: partial sums Cs (row stride CHUNK) between slices, Y on the last one */
@@ -328,26 +386,6 @@ int merger_gemm_fp32(const float *W, long N, long K, long ldw, const float *X, l
  * (upcast, rms_norm, round, scale) took ~60 us for one 2048-wide row; together with the attention kernel
  * this cut 0.4-0.7 ms of the 3.5-5 ms a decode step spends outside its matmuls. */
 
-/* 8 float32 values to element i of y, rounded to y's type */
-static inline __attribute__((always_inline)) void store8(void *y, long i, __m256 v, const int kind) {
-    if (kind == FP32)
-        _mm256_storeu_ps((float *)y + i, v);
-    else if (kind == FP16)
-        _mm_storeu_si128((__m128i *)((uint16_t *)y + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-    else
-        _mm_storeu_si128((__m128i *)((uint16_t *)y + i), to_bf16x8(v));
-}
-
-/* one value, rounded to y's type through the same vector path */
-static inline __attribute__((always_inline)) void store1(void *y, long i, float v, const int kind) {
-    union { uint16_t h[8]; float f[8]; } t;
-    store8(kind == FP32 ? (void *)t.f : (void *)t.h, 0, _mm256_set1_ps(v), kind);
-    if (kind == FP32)
-        ((float *)y)[i] = t.f[0];
-    else
-        ((uint16_t *)y)[i] = t.h[0];
-}
-
 /* Y[r] = X[r] / sqrt(mean(X[r]^2) + eps) * w, in float32. In half precision the normalised row is rounded
  * to the type before w multiplies it, and the product rounded again: transformers' `weight * h.to(dtype)`. */
 static inline __attribute__((always_inline)) void rmsnorm(const void *X, long rows, long dim, long ldx,
@@ -421,43 +459,27 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-/* the 8 sums of 8 vectors, as one vector: lane j = sum of v[j] */
-static inline __m256 hsum8(const __m256 v[8]) {
-    __m256 a = _mm256_hadd_ps(v[0], v[1]), b = _mm256_hadd_ps(v[2], v[3]);
-    __m256 c = _mm256_hadd_ps(v[4], v[5]), d = _mm256_hadd_ps(v[6], v[7]);
-    __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
-    return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
-}
-
-/* p[s] = scale * (q . k[s]) for s < S, 8 keys at a time */
-static inline void scores(const float *q, const float *k, long ss, long S, long D, float scale, float *p) {
-    long s = 0;
-    for (; s + 8 <= S; s += 8) {
-        __m256 acc[8];
-        for (int j = 0; j < 8; j++)
-            acc[j] = _mm256_setzero_ps();
+/* P[g][s] = scale * (Q[g] . k[s]) for GS (<= 4) query heads that share one key head: each key row is
+ * read once for all of them */
+static inline __attribute__((always_inline)) void scores(const float *Q, long D, const float *k, long ss, long S,
+                                                         float scale, float *P, const int GS) {
+    for (long s = 0; s < S; s++) {
+        const float *ks = k + s * ss;
+        __m256 acc[4];
+        for (int g = 0; g < GS; g++)
+            acc[g] = _mm256_setzero_ps();
         long d = 0;
         for (; d + 8 <= D; d += 8) {
-            __m256 qv = _mm256_loadu_ps(q + d);
-            for (int j = 0; j < 8; j++)
-                acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (s + j) * ss + d), acc[j]);
+            __m256 kv = _mm256_loadu_ps(ks + d);
+            for (int g = 0; g < GS; g++)
+                acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + g * D + d), kv, acc[g]);
         }
-        __m256 sum = hsum8(acc);
-        if (d < D) {  /* a head size that is not a multiple of 8 */
-            float t[8] __attribute__((aligned(32)));
-            _mm256_store_ps(t, sum);
-            for (int j = 0; j < 8; j++)
-                for (long e = d; e < D; e++)
-                    t[j] += q[e] * k[(s + j) * ss + e];
-            sum = _mm256_load_ps(t);
+        for (int g = 0; g < GS; g++) {
+            float r = hsum(acc[g]);
+            for (long e = d; e < D; e++)  /* a head size that is not a multiple of 8 */
+                r += Q[g * D + e] * ks[e];
+            P[g * S + s] = r * scale;
         }
-        _mm256_storeu_ps(p + s, _mm256_mul_ps(sum, _mm256_set1_ps(scale)));
-    }
-    for (; s < S; s++) {
-        float r = 0.f;
-        for (long d = 0; d < D; d++)
-            r += q[d] * k[s * ss + d];
-        p[s] = r * scale;
     }
 }
 
@@ -481,53 +503,73 @@ static inline void softmax(float *p, long S) {
         p[s] *= inv;
 }
 
-/* o[d] = sum_s p[s] * v[s][d], 32 columns of o in registers at a time */
-static inline void weighted_rows(const float *p, const float *v, long ss, long S, long D, float *o) {
+/* O[g][d] = sum_s P[g][s] * v[s][d] for GS (<= 4) heads sharing one value head, 16 columns at a time:
+ * each value row is read once for all of them */
+static inline __attribute__((always_inline)) void weighted_rows(const float *P, const float *v, long ss, long S,
+                                                                long D, float *O, const int GS) {
     long d = 0;
-    for (; d + 32 <= D; d += 32) {
-        __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
+    for (; d + 16 <= D; d += 16) {
+        __m256 acc[4][2];
+        for (int g = 0; g < GS; g++)
+            acc[g][0] = acc[g][1] = _mm256_setzero_ps();
         for (long s = 0; s < S; s++) {
-            __m256 w = _mm256_set1_ps(p[s]);
-            for (int j = 0; j < 4; j++)
-                acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + s * ss + d + 8 * j), acc[j]);
+            __m256 v0 = _mm256_loadu_ps(v + s * ss + d), v1 = _mm256_loadu_ps(v + s * ss + d + 8);
+            for (int g = 0; g < GS; g++) {
+                __m256 w = _mm256_broadcast_ss(P + g * S + s);
+                acc[g][0] = _mm256_fmadd_ps(w, v0, acc[g][0]);
+                acc[g][1] = _mm256_fmadd_ps(w, v1, acc[g][1]);
+            }
         }
-        for (int j = 0; j < 4; j++)
-            _mm256_storeu_ps(o + d + 8 * j, acc[j]);
+        for (int g = 0; g < GS; g++) {
+            _mm256_storeu_ps(O + g * D + d, acc[g][0]);
+            _mm256_storeu_ps(O + g * D + d + 8, acc[g][1]);
+        }
     }
-    for (; d + 8 <= D; d += 8) {
-        __m256 acc = _mm256_setzero_ps();
-        for (long s = 0; s < S; s++)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), _mm256_loadu_ps(v + s * ss + d), acc);
-        _mm256_storeu_ps(o + d, acc);
-    }
-    for (; d < D; d++) {
-        float acc = 0.f;
-        for (long s = 0; s < S; s++)
-            acc += p[s] * v[s * ss + d];
-        o[d] = acc;
-    }
+    for (; d < D; d++)
+        for (int g = 0; g < GS; g++) {
+            float acc = 0.f;
+            for (long s = 0; s < S; s++)
+                acc += P[g * S + s] * v[s * ss + d];
+            O[g * D + d] = acc;
+        }
+}
+
+/* attention of GS (<= 4) query heads that share one key/value head */
+static inline __attribute__((always_inline)) void attend_heads(const float *Q, long D, const float *k,
+                                                               const float *v, long ss, long S, float scale,
+                                                               float *P, float *O, const int GS) {
+    scores(Q, D, k, ss, S, scale, P, GS);
+    for (int g = 0; g < GS; g++)
+        softmax(P + g * S, S);
+    weighted_rows(P, v, ss, S, D, O, GS);
 }
 
 /* One query per head over S cached keys, float32: Q, O [B, H, D] contiguous; K, V [B, KV, S, D] with the
  * given batch / head / position strides (the cache's views); query head h reads key/value head
- * h / (H / KV). O = softmax(scale * Q K^T) V, split by (batch, head) across threads. 0, or 1 if out of
+ * h / (H / KV). O = softmax(scale * Q K^T) V; the query heads of a key/value head go in fours, so each
+ * K and V row is read once per four heads; threads split (batch, key/value head, four). 0, or 1 if out of
  * memory. Measured against SDPA (16 or 32 heads, a quarter as many KV heads, 128 wide): on par at 200
  * keys, 1.4-2.2x faster at 1000-8000; what bounds it is reading K and V from L2/L3 once per query head. */
 int merger_attend_fp32(const float *Q, long B, long H, long D, const float *K, const float *V, long KV, long S,
                        long sb, long sh, long ss, float scale, float *O, int nthreads) {
-    long G = H / KV;
+    long G = H / KV, chunks = (G + 3) / 4;
     float *buf = malloc((size_t)B * H * (S > 0 ? S : 1) * sizeof(float));
     if (!buf)
         return 1;
-#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2) if (S * H >= 4096)
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(3) if (S * H >= 4096)
     for (long b = 0; b < B; b++)
-        for (long h = 0; h < H; h++) {
-            const float *k = K + b * sb + (h / G) * sh, *v = V + b * sb + (h / G) * sh;
-            float *p = buf + (b * H + h) * S;
-            scores(Q + (b * H + h) * D, k, ss, S, D, scale, p);
-            softmax(p, S);
-            weighted_rows(p, v, ss, S, D, O + (b * H + h) * D);
-        }
+        for (long kv = 0; kv < KV; kv++)
+            for (long c = 0; c < chunks; c++) {
+                long h = kv * G + 4 * c, n = G - 4 * c < 4 ? G - 4 * c : 4;
+                const float *k = K + b * sb + kv * sh, *v = V + b * sb + kv * sh, *q = Q + (b * H + h) * D;
+                float *p = buf + (b * H + h) * S, *o = O + (b * H + h) * D;
+                switch (n) {  /* the head count fixed at compile time: the accumulators stay in registers */
+                case 4: attend_heads(q, D, k, v, ss, S, scale, p, o, 4); break;
+                case 3: attend_heads(q, D, k, v, ss, S, scale, p, o, 3); break;
+                case 2: attend_heads(q, D, k, v, ss, S, scale, p, o, 2); break;
+                default: attend_heads(q, D, k, v, ss, S, scale, p, o, 1); break;
+                }
+            }
     free(buf);
     return 0;
 }

@@ -30,13 +30,13 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
 LIBS = ["-lm"]
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # the C enum { BF16, FP16, FP32 }
-# W, N, K, ldw, X, M, ldx, Y, ldy, then gemm's bias and Y type, then threads
+# W, N, K, ldw, X, M, ldx, Y, ldy, then bias, (gemv: X type,) Y type, threads
 _ARGS = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
          ctypes.c_long, ctypes.c_void_p, ctypes.c_long]
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 # op -> (argument types, result type, weight types it exists for)
 _SIGNATURES = {
-    "gemv": (_ARGS + [_I], None, tuple(_TYPES)),
+    "gemv": (_ARGS + [_P, _I, _I, _I], _I, tuple(_TYPES)),
     "gemm": (_ARGS + [_P, _I, _I], _I, tuple(_TYPES)),
     # X, rows, dim, ldx, w, eps, Y, ldy, threads
     "rmsnorm": ([_P, _L, _L, _L, _P, _F, _P, _L, _I], None, tuple(_TYPES)),
@@ -115,37 +115,43 @@ def _kernel(op: str, dtype: torch.dtype):
     return None if lib is None else getattr(lib, f"merger_{op}_{_TYPES[dtype]}")
 
 
-def _check(x: torch.Tensor, w: torch.Tensor) -> None:
-    """No pointer reaches C unless every read it implies stays inside x and w."""
+def _check(op: str, kernel, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+           x_dtypes: tuple[torch.dtype, ...]) -> torch.Tensor | None:
+    """No pointer reaches C unless every read it implies stays inside x, w and bias, and the kernel is the
+    one for w's dtype; returns the bias as float32."""
     if (x.dim() != 2 or w.dim() != 2 or w.shape[1] != x.shape[1] or x.stride(1) != 1 or w.stride(1) != 1
-            or x.dtype != torch.float32 or x.device.type != "cpu" or w.device.type != "cpu"):
-        raise ValueError(f"native kernel: x {tuple(x.shape)} {x.dtype} and w {tuple(w.shape)} do not fit")
+            or x.dtype not in x_dtypes or out_dtype not in _OUT or not x.is_cpu or not w.is_cpu
+            or kernel is not _kernel(op, w.dtype)):
+        raise ValueError(f"native kernel: x {tuple(x.shape)} {x.dtype} and w {tuple(w.shape)} {w.dtype} "
+                         f"(to {out_dtype}) do not fit")
+    if bias is None:
+        return None
+    if bias.shape != (w.shape[0],) or not bias.is_cpu:
+        raise ValueError(f"native kernel: bias {tuple(bias.shape)} does not fit {w.shape[0]} outputs")
+    return bias.float().contiguous()
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, kernel) -> torch.Tensor:
-    """x [M, K] float32 @ w[N, K].T (bf16/fp16/fp32) -> float32 [M, N]; both with unit column stride."""
-    _check(x, w)
+def gemv(x: torch.Tensor, w: torch.Tensor, kernel, bias: torch.Tensor | None = None,
+         out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x [M, K] (bf16, fp16 or float32) @ w[N, K].T (+ bias) -> [M, N] in out_dtype (float32, bf16 or fp16),
+    summed in float32 and rounded once: the decode path, conversions included, in one call."""
+    bias = _check("gemv", kernel, x, w, bias, out_dtype, tuple(_OUT))
     m, k = x.shape
     n = w.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    kernel(w.data_ptr(), n, k, w.stride(0), x.data_ptr(), m, x.stride(0), y.data_ptr(), n,
-           torch.get_num_threads())
+    y = torch.empty(m, n, dtype=out_dtype)
+    if kernel(w.data_ptr(), n, k, w.stride(0), x.data_ptr(), m, x.stride(0), y.data_ptr(), n,
+              None if bias is None else bias.data_ptr(), _OUT[x.dtype], _OUT[out_dtype], torch.get_num_threads()):
+        raise MemoryError(f"native gemv: no memory for {m} x {k} inputs")
     return y
 
 
 def gemm(x: torch.Tensor, w: torch.Tensor, kernel, bias: torch.Tensor | None = None,
          out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The same product (+ bias) for many rows: [M, N] in out_dtype (float32, bf16 or fp16), summed in
-    float32 and rounded once, as torch rounds."""
-    _check(x, w)
+    """x [M, K] float32 @ w[N, K].T (+ bias) for many rows: [M, N] in out_dtype (float32, bf16 or fp16),
+    summed in float32 and rounded once, as torch rounds."""
+    bias = _check("gemm", kernel, x, w, bias, out_dtype, (torch.float32,))
     m, k = x.shape
     n = w.shape[0]
-    if out_dtype not in _OUT:
-        raise ValueError(f"native gemm: no {out_dtype} output")
-    if bias is not None:
-        if bias.shape != (n,) or bias.device.type != "cpu":
-            raise ValueError(f"native gemm: bias {tuple(bias.shape)} does not fit {n} outputs")
-        bias = bias.float().contiguous()
     y = torch.empty(m, n, dtype=out_dtype)
     if kernel(w.data_ptr(), n, k, w.stride(0), x.data_ptr(), m, x.stride(0), y.data_ptr(), n,
               None if bias is None else bias.data_ptr(), _OUT[out_dtype], torch.get_num_threads()):
@@ -158,7 +164,7 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, kernel) -> torch.Tenso
     dim = x.shape[-1]
     x2 = x.reshape(-1, dim)
     if (w.shape != (dim,) or w.dtype != x.dtype or not w.is_contiguous() or x2.stride(-1) != 1
-            or x.device.type != "cpu" or w.device.type != "cpu"):
+            or not x.is_cpu or not w.is_cpu or kernel is not _kernel("rmsnorm", x.dtype)):
         raise ValueError(f"native rmsnorm: x {tuple(x.shape)} {x.dtype} and w {tuple(w.shape)} {w.dtype} do not fit")
     y = torch.empty(x2.shape, dtype=x.dtype)
     kernel(x2.data_ptr(), x2.shape[0], dim, x2.stride(0), w.data_ptr(), eps, y.data_ptr(), dim,
@@ -172,8 +178,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kern
     bsz, heads, dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     if (k.shape != v.shape or k.stride() != v.stride() or k.dim() != 4 or k.shape[0] != bsz or k.shape[3] != dim
-            or heads % kv_heads or k.stride(3) != 1 or any(t.dtype != torch.float32 or t.device.type != "cpu"
-                                                          for t in (q, k, v))):
+            or heads % kv_heads or k.stride(3) != 1 or q.dtype != torch.float32 or k.dtype != torch.float32
+            or v.dtype != torch.float32 or not (q.is_cpu and k.is_cpu and v.is_cpu)):
         raise ValueError(f"native attend: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
     q = q.contiguous()
     out = torch.empty(bsz, heads, dim, dtype=torch.float32)
