@@ -197,7 +197,7 @@ class Attention(nn.Module):
             # one query: the window is just the last `window` keys, no mask needed
             k, v = k[:, :, -self.window:], v[:, :, -self.window:]
         kernel = native.attend_kernel(k.dtype) if n == 1 and cache is not None and k.device.type == "cpu" else None
-        if kernel is not None:  # decode, one query per head: one call instead of SDPA's 130-250 us
+        if kernel is not None:  # decode, one query per head: 1.2-3.8x as fast as SDPA (200-8000 keys)
             o = native.attend(q[:, :, 0], k, v, hd ** -0.5, kernel)                 # float32 [B, H, Dh]
             return linear(o.view(bsz, 1, self.n_heads * hd).to(x.dtype), self.wo, self.bo)
         causal = mask is None and n > 1
