@@ -11,7 +11,7 @@ import torch
 from torch.testing import assert_close
 
 from merger import synth
-from merger.engine import moe, native
+from merger.engine import moe, native, weights
 from merger.engine.generate import generate, generate_ids
 from merger.engine.matmul import linear
 from merger.engine.model import ContextError, load_model
@@ -499,3 +499,33 @@ def test_unsupported_dtype_is_an_engine_error(models):
 
     with pytest.raises(EngineError, match="float64 is not supported"):
         load_model(models["llama"], dtype=torch.float64)
+
+
+def test_big_weights_on_huge_pages_give_the_same_model(models, monkeypatch):
+    """Weights of HUGE_PAGE bytes or more load into 2 MiB-aligned, huge-page-advised memory. The threshold is
+    lowered here so the tiny model's tensors take that path: same logits, bit for bit."""
+    plain = load_model(models["mixtral"], dtype=torch.float32)
+    if not weights.huge_pages():
+        pytest.skip("no transparent huge pages here")
+    monkeypatch.setattr(weights, "HUGE_PAGE", 4096)
+    made, real_empty = [], weights.empty
+    monkeypatch.setattr(weights, "empty", lambda *a: made.append(real_empty(*a)) or made[-1])
+    placed = load_model(models["mixtral"], dtype=torch.float32)
+    on_huge = {t.data_ptr() for t in made if t.nbytes >= 4096}
+    assert {placed.layers[0].ffn.w13.data_ptr(), placed.layers[0].attn.wqkv.data_ptr(), placed.output.data_ptr()} <= on_huge
+    assert torch.equal(placed(PROMPT), plain(PROMPT))
+
+
+def test_huge_page_memory_is_aligned_writable_and_can_be_turned_off(monkeypatch):
+    t = weights.empty((1024, 1024), torch.float32, torch.device("cpu"))  # 4 MiB
+    if weights.huge_pages():
+        assert t.data_ptr() % weights.HUGE_PAGE == 0
+    t.fill_(2.0)
+    assert t.shape == (1024, 1024) and t.sum().item() == 2.0 * 1024 * 1024
+    monkeypatch.setenv("MERGER_HUGEPAGES", "0")
+    weights.huge_pages.cache_clear()
+    try:
+        assert not weights.huge_pages()
+    finally:
+        monkeypatch.undo()
+        weights.huge_pages.cache_clear()

@@ -6,6 +6,11 @@ Qwen2-MoE `mlp.experts.{j}.gate_proj|up_proj|down_proj`, or transformers 5's alr
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import math
+import mmap
+import os
 from pathlib import Path
 
 import torch
@@ -13,6 +18,35 @@ import torch
 from merger.engine.config import ModelConfig
 from merger.errors import CheckpointError
 from merger.io.checkpoint import Checkpoint
+
+
+HUGE_PAGE = 2 << 20  # x86-64 transparent huge page
+
+
+@functools.cache
+def huge_pages() -> bool:
+    """Whether big weights go to transparent huge pages: Linux with THP not `never`, MERGER_HUGEPAGES not 0."""
+    if os.environ.get("MERGER_HUGEPAGES", "1") == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, except that a CPU tensor of 2 MiB or more lives in memory advised onto transparent huge
+    pages, 2 MiB-aligned: decode streams every weight once per token, and with 4 KiB pages the read stalls at
+    each page (measured on a 2-core EPYC: gemv 18.7 -> 20.7 GB/s, mean of 15 alternating runs)."""
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
+    if device.type != "cpu" or nbytes < HUGE_PAGE or not huge_pages():
+        return torch.empty(shape, dtype=dtype, device=device)
+    # private anonymous memory (shared memory follows another THP setting); unmapped with its last tensor
+    buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_HUGEPAGE)
+    offset = -ctypes.addressof(ctypes.c_char.from_buffer(buf)) % HUGE_PAGE
+    return torch.frombuffer(buf, dtype=dtype, count=numel, offset=offset).view(shape)
 
 
 class _Reader:
@@ -24,21 +58,33 @@ class _Reader:
     def has(self, name: str) -> bool:
         return self.ckpt.has(name)
 
-    def get(self, name: str) -> torch.Tensor:
+    def _read(self, name: str) -> torch.Tensor:
         if not self.ckpt.has(name):
             raise CheckpointError(
                 f"{self.ckpt.path}: tensor {name!r} is missing; the weights do not match config.json "
                 f"(model_type {self.cfg.model_type!r}); re-save the checkpoint or fix its config")
         return self.ckpt.get(name).to(device=self.device, dtype=self.dtype)
 
+    def _cat(self, names: list[str]) -> torch.Tensor:
+        return torch.cat([self._read(n) for n in names], dim=0)
+
+    def _placed(self, t: torch.Tensor) -> torch.Tensor:
+        """t itself, or moved onto huge pages (see `empty`) when it is big enough to gain from them."""
+        if t.device.type != "cpu" or t.nbytes < HUGE_PAGE or not huge_pages():
+            return t
+        return empty(tuple(t.shape), t.dtype, t.device).copy_(t)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._placed(self._read(name))
+
     def cat(self, names: list[str]) -> torch.Tensor:
-        return torch.cat([self.get(n) for n in names], dim=0)
+        return self._placed(self._cat(names))
 
     def stack_into(self, shape: tuple[int, ...], parts: list[list[str]]) -> torch.Tensor:
         """out[j] = cat(parts[j]): filled expert by expert so only one expert is ever held twice."""
-        out = torch.empty(shape, dtype=self.dtype, device=self.device)
+        out = empty(shape, self.dtype, self.device)
         for j, names in enumerate(parts):
-            out[j] = self.cat(names)
+            out[j] = self._cat(names)
         return out
 
 
