@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from merger import synth
-from merger.engine import native
+from merger.engine import native, weights
 from merger.engine.generate import generate_ids
 from merger.engine.model import load_model
 from merger.io.dtypes import parse_dtype
@@ -82,8 +82,9 @@ def make_models(root: Path, a: argparse.Namespace) -> dict[str, Path]:
 
 
 def read_bandwidth() -> float:
-    """Bytes/s of a streaming read (sum over 1 GiB), best of 5: the roof decode can reach."""
-    buf = torch.ones(2**28, dtype=torch.float32)
+    """Bytes/s of a streaming read (sum over 1 GiB), best of 5: the roof decode can reach. The buffer sits on
+    huge pages where the engine's weights do (merger.engine.weights.empty), so the roof is theirs."""
+    buf = weights.empty((2**28,), torch.float32, torch.device("cpu")).fill_(1.0)
     buf.sum()
     best = min(_timed(buf.sum) for _ in range(5))
     del buf
