@@ -132,10 +132,11 @@ def test_tied_checkpoint_shares_the_embedding_and_is_sharded(models):
 
 @pytest.mark.parametrize("name", ["llama", "mistral_sliding", "mixtral", "qwen2_moe"])
 def test_kv_cache_decode_equals_full_forward(models, name):
+    """A batch of two sequences, so decode attention and routing see more than one row."""
     model = load_model(models[name])
-    seq = torch.randint(3, VOCAB, (1, 30), generator=torch.Generator().manual_seed(1))
-    full = model(seq)                                     # [1, 30, V], no cache
-    model.setup_cache(1, 30)
+    seq = torch.randint(3, VOCAB, (2, 30), generator=torch.Generator().manual_seed(1))
+    full = model(seq)                                     # [2, 30, V], no cache
+    model.setup_cache(2, 30)
     steps = [model(seq[:, :12], start_pos=0)]             # prefill
     steps.append(model(seq[:, 12:17], start_pos=12))      # a chunk after the prefill: masked path
     steps += [model(seq[:, i:i + 1], start_pos=i) for i in range(17, 30)]  # decode
