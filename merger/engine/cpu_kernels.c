@@ -1,11 +1,13 @@
-/* The engine's two CPU kernels for AVX2 + FMA + F16C, weights bf16, fp16 or fp32, everything else float32.
- * Built and loaded by native.py; rows of W are split across OpenMP threads (the runtime torch already
- * loaded, so no second pool). Weights W are [N, K] row-major with row stride ldw (elements).
+/* The engine's CPU kernels for AVX2 + FMA + F16C: matmuls over bf16, fp16 or fp32 weights with float32
+ * math, and RMSNorm and one-query attention for decode. Built and loaded by native.py; work is split across
+ * OpenMP threads (the runtime torch already loaded, so no second pool). Weights W are [N, K] row-major with
+ * row stride ldw (elements).
  *
- * gemv: Y[m, n] = sum_k X[m, k] * W[n, k] for a few rows m (decode), bound by how fast W is read. Each
- *   weight element is widened to float32 in registers and used for all M rows while it is in L1.
- * gemm: Y[m, n] = the same sum (+ bias) for many rows (prefill), bound by FMA throughput, written in
- *   float32, bf16 or fp16. Weights are widened while packed into L2-sized blocks: no float32 copy of W.
+ * gemv: Y[m, n] = sum_k X[m, k] * W[n, k] (+ bias) for a few rows m (decode), bound by how fast W is read.
+ *   Each weight element is widened to float32 in registers and used for all M rows while it is in L1; X
+ *   and Y may be any of the three types, so a decode matmul is one call.
+ * gemm: the same for many rows (prefill), bound by FMA throughput; X float32, Y any type. Weights are
+ *   widened while packed into L2-sized blocks: no float32 copy of W.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -14,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { BF16, FP16, FP32 }; /* the weight type; a compile-time constant in each exported function */
+enum { BF16, FP16, FP32 }; /* element types; the weight type is a compile-time constant per exported function */
 
 /* 8 weights starting at element i of w, as float32 */
 static inline __attribute__((always_inline)) __m256 load8(const void *w, long i, const int kind) {
@@ -189,7 +191,8 @@ int merger_gemv_fp32(const float *W, long N, long K, long ldw, const void *X, lo
  * the chunk's tokens) stay in L2 across slices. The last slice adds the bias and writes Y[m][n] directly,
  * rounded to Y's type: no transposing pass afterwards.
  * Measured on a 2-core EPYC (bench/kernels.py; FMA peak ~88 GFLOP/s per core, from a register-only loop):
- * 150-170 GFLOP/s on 2 threads for 64-512 tokens. With the slices outside the strip loop, as before, the
+ * 105-170 GFLOP/s on 2 threads for 64-512 tokens (the VM's speed varies from run to run; 170 is ~95% of
+ * that peak), 1.1-1.5x torch's path. With the slices outside the strip loop, as before, the
  * MoE's 11264x2048 expert projection at 64 tokens ran 20-35% slower: its partial sums (2.9 MB) left L2 on
  * every slice. Blocks of 4-16 strips measured alike. */
 

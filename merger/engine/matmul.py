@@ -6,7 +6,7 @@ costs ~4x the float32 one, and even in float32 the blocked form runs 1.1-2.5x fa
 8-512 rows (each 4 MiB block stays in cache). Half-precision blocks are upcast one at a time, so no
 float32 copy of a whole weight ever exists. Where the native kernels (native.py) could be built, few-row
 calls (decode) take their gemv, which reads weights at ~85% of the memory bandwidth (torch's GEMV: ~50-65%),
-and many-row calls their gemm (150-170 GFLOP/s on 2 cores), which widens half weights while packing them.
+and many-row calls their gemm (105-170 GFLOP/s on 2 cores), which widens half weights while packing them.
 """
 from __future__ import annotations
 
