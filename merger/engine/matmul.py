@@ -68,12 +68,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
     out_dtype = out_dtype or x.dtype
     rows = math.prod(x.shape[:-1])
     kernel = _native_kernel(x, w, rows)
-    if kernel is not None and rows < BLOCKED_MIN_ROWS and out_dtype in (torch.float32, x.dtype):
-        # decode: x's conversion, the bias and the rounding happen inside the call (each a ~7 us torch op)
-        y = native.gemv(x.reshape(rows, x.shape[-1]).contiguous(), w, kernel, b, out_dtype)
-        return y.view(*x.shape[:-1], w.shape[0])
     if kernel is not None and out_dtype in (torch.float32, x.dtype):
-        y = native.gemm(x.reshape(rows, x.shape[-1]).float().contiguous(), w, kernel, b, out_dtype)
+        x2 = x.reshape(rows, x.shape[-1])
+        if rows < BLOCKED_MIN_ROWS:  # decode: x's conversion, bias and rounding happen inside the one call
+            y = native.gemv(x2.contiguous(), w, kernel, b, out_dtype)
+        else:
+            y = native.gemm(x2.float().contiguous(), w, kernel, b, out_dtype)
         return y.view(*x.shape[:-1], w.shape[0])
     if not use_blocked(x):
         y = F.linear(x, w, b)
@@ -85,14 +85,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
     step = max(1, _BLOCK_ELEMS // w.shape[1])
     for s in range(0, n, step):
         torch.mm(w[s:s + step].float(), x32t, out=out_t[s:s + step])
-    return _untranspose(out_t, b, out_dtype, x.shape[:-1])
-
-
-def _untranspose(out_t: torch.Tensor, b: torch.Tensor | None, out_dtype: torch.dtype,
-                 lead: torch.Size) -> torch.Tensor:
-    """float32 out.T [N, rows] (+ bias) -> [*lead, N] in out_dtype, transposed and rounded in one pass."""
     if b is not None:
         out_t += b.float()[:, None]
-    n, rows = out_t.shape
-    out = torch.empty(rows, n, dtype=out_dtype, device=out_t.device).copy_(out_t.t())
-    return out.view(*lead, n)
+    # transposed and rounded in one pass
+    out = torch.empty(rows, n, dtype=out_dtype, device=x.device).copy_(out_t.t())
+    return out.view(*x.shape[:-1], n)
