@@ -171,7 +171,8 @@ def generate(
     """Generate text with the bundled engine (Llama, Mistral, Mixtral, Qwen2-MoE checkpoints)."""
     from merger.engine.generate import generate as run_generation
     from merger.engine.model import load_model
-    from merger.engine.tokenizer import load_tokenizer
+    from merger.engine.sampling import check_params
+    from merger.engine.tokenizer import check_text, load_tokenizer
     from merger.io.dtypes import parse_dtype
 
     try:
@@ -180,10 +181,11 @@ def generate(
         fail(f"--dtype: {e}")
     if device != "cpu" and not device.startswith("cuda"):
         fail(f"--device: unknown device {device!r}; use cpu or cuda")
+    check_params(temperature, top_k, top_p, max_new_tokens, seed)  # before a large model loads
+    check_text(prompt, "prompt")
     model, tok = load_model(model_dir, torch_dtype, device), load_tokenizer(model_dir)
     stream = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-    res = run_generation(model, tok, prompt, max_new_tokens, temperature, top_k or None,
-                         top_p if top_p < 1 else None, seed, chat, stream)
+    res = run_generation(model, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, stream)
     if as_json:
         typer.echo(json.dumps(res.to_dict()))
         return

@@ -4,6 +4,7 @@ KV-cache, sampling and tokenizer invariants. Every model here is tiny, seeded an
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from torch.testing import assert_close
 
 from merger import synth
-from merger.engine import moe, native, weights
+from merger.engine import matmul, moe, native, weights
 from merger.engine.generate import generate, generate_ids
 from merger.engine.matmul import linear
 from merger.engine.model import ContextError, load_model
@@ -265,11 +266,34 @@ def test_bf16_model_tracks_the_fp32_model(models):
     assert (a - b).abs().max() < 0.1 * a.abs().max()
 
 
-def test_bf16_logits_with_and_without_the_native_kernels_agree(models, monkeypatch):
-    """Same model, native gemm (prefill) and gemv (decode) vs torch's matmuls: logits differ only by float32
-    summation order (plus the bf16 rounding of activations that can follow from it)."""
-    if native.gemv_kernel(torch.bfloat16) is None:
-        pytest.skip(native.status())
+@pytest.fixture
+def native_on(monkeypatch):
+    """The native kernels even under MERGER_NATIVE=0 (which keeps the engine off them, not their tests);
+    a skip only where they cannot be built."""
+    forced = os.environ.get("MERGER_NATIVE", "1") == "0"
+    if forced:
+        monkeypatch.setenv("MERGER_NATIVE", "1")
+        native._library.cache_clear()
+    try:
+        if native.gemv_kernel(torch.bfloat16) is None:
+            pytest.skip(native.status())
+        yield
+    finally:
+        if forced:
+            native._library.cache_clear()
+
+
+@pytest.mark.parametrize("half_math", ["as on this CPU", "none (AVX2-only CPU)"])
+def test_bf16_logits_with_and_without_the_native_kernels_agree(models, monkeypatch, native_on, half_math):
+    """Same model, native kernels vs torch's ops: logits differ only by float32 summation order (plus the bf16
+    rounding of activations that can follow from it). "none" makes the dispatcher act as on a CPU without
+    native bf16 math (gemv, gemm, a float32 KV cache and native attention), whatever this CPU has."""
+    calls: list[str] = []
+    if half_math.startswith("none"):
+        monkeypatch.setattr(matmul, "_native_half", lambda dtype: False)
+        for op in ("gemv", "gemm"):
+            real = getattr(native, op)
+            monkeypatch.setattr(native, op, lambda *a, _op=op, _real=real, **k: calls.append(_op) or _real(*a, **k))
     model = load_model(models["mixtral"], dtype=torch.bfloat16)
 
     def decode_logits() -> torch.Tensor:
@@ -279,6 +303,9 @@ def test_bf16_logits_with_and_without_the_native_kernels_agree(models, monkeypat
         return torch.cat([prefill, *steps], dim=1)
 
     with_kernel = decode_logits()
+    if half_math.startswith("none"):
+        assert model.cache[0].k.dtype == torch.float32  # the dispatcher took it: bf16 K/V kept in float32
+        assert {"gemv", "gemm"} <= set(calls)
     monkeypatch.setattr(native, "_kernel", lambda op, dtype: None)
     without = decode_logits()
     assert (with_kernel.argmax(-1) == without.argmax(-1)).all()
@@ -400,7 +427,7 @@ def test_weights_not_matching_config_are_a_checkpoint_error(tmp_path, models):
         (tmp_path / f.name).write_bytes(f.read_bytes())
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 6}))
-    with pytest.raises(CheckpointError, match="model.layers.4.*missing"):
+    with pytest.raises(CheckpointError, match="config.json says 6 layers but the weights have no layer 4"):
         load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 100}))
     with pytest.raises(CheckpointError, match="do not match config.json"):

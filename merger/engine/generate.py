@@ -11,7 +11,8 @@ import torch
 
 from merger.engine.model import ContextError, Transformer
 from merger.engine.sampling import check_params, sample
-from merger.engine.tokenizer import StreamDecoder, Tokenizer
+from merger.engine.tokenizer import StreamDecoder, Tokenizer, check_text
+from merger.errors import CheckpointError
 
 
 @dataclass
@@ -31,7 +32,11 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_toke
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, chat: bool = False,
              stream: Callable[[str], None] | None = None) -> GenerationResult:
-    """Generate up to `max_new_tokens` after `prompt` (wrapped in the chat template if `chat`)."""
+    """Generate up to `max_new_tokens` after `prompt` (wrapped in the chat template if `chat`).
+
+    top_k 0 / None and top_p 1 / None mean off; a bad parameter or prompt is a one-line MergerError."""
+    check_params(temperature, top_k, top_p, max_new_tokens, seed)
+    check_text(prompt, "prompt")
     ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
     decoder = StreamDecoder(tokenizer)
 
@@ -59,10 +64,14 @@ def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int,
                  eos_token_ids: set[int] | frozenset[int] = frozenset(),
                  on_token: Callable[[int], None] | None = None) -> tuple[list[int], float, float]:
     """Token-level loop: (new token ids, prefill seconds, decode seconds). Stops after an EOS id."""
-    check_params(temperature, top_k, top_p)
-    context = model.config.max_position_embeddings
+    check_params(temperature, top_k, top_p, max_new_tokens, seed)
+    context, vocab = model.config.max_position_embeddings, model.config.vocab_size
     if not prompt_ids:
         raise ContextError("the prompt encodes to no tokens; give a non-empty prompt")
+    bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise CheckpointError(f"the prompt holds token id {bad} but the model's vocab_size is {vocab} (config.json); "
+                              "use the tokenizer that belongs to this model")
     if len(prompt_ids) >= context:
         raise ContextError(f"the prompt has {len(prompt_ids)} tokens but the model's context is {context} "
                            "(max_position_embeddings in config.json); shorten the prompt")

@@ -41,10 +41,11 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str =
     dtype = dtype or cfg.torch_dtype
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise EngineError(f"dtype {dtype} is not supported by the engine; use float32, bfloat16 or float16")
-    with torch.device("meta"):
-        model = Transformer(cfg)
     try:
+        # weights first: they are checked against config.json before a model of its size is built
         state = read_state_dict(path, cfg, dtype, torch.device(device))
+        with torch.device("meta"):
+            model = Transformer(cfg)
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:  # shape mismatches surface from torch as RuntimeError
         detail = str(e).strip().splitlines()[-1].strip()

@@ -8,11 +8,30 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from merger.engine.config import token_ids
 from merger.errors import CheckpointError, MergerError
 
 
 class ChatTemplateError(MergerError):
     """The model has no chat template, or its template failed to render."""
+
+
+class TextError(MergerError):
+    """Text to encode is not valid Unicode (e.g. an argv byte that was not UTF-8)."""
+
+
+def check_text(text: str, what: str = "text") -> None:
+    """TextError unless `text` is a str that encodes as UTF-8. Python turns an undecodable byte of argv into
+    a lone surrogate (U+DC80 + byte); the message gives the byte back."""
+    if not isinstance(text, str):
+        raise TextError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise TextError(f"{what} is not valid UTF-8 ({byte} at character {e.start}); pass UTF-8 text "
+                        "(check the terminal's or the file's encoding)") from None
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -46,8 +65,8 @@ class Tokenizer:
         if tokenizer_config.get("add_bos_token") is False:
             self.bos_token_id = None  # the model was trained without BOS: adding one would hurt
         eos: set[int] = set()
-        for src in (generation_config.get("eos_token_id"), config.get("eos_token_id")):
-            eos.update(int(i) for i in (src if isinstance(src, list) else [src]) if i is not None)
+        for name, cfg in (("generation_config.json", generation_config), ("config.json", config)):
+            eos.update(token_ids(cfg.get("eos_token_id"), "eos_token_id", name))
         tid = _token_id(tok, self.special["eos_token"])
         if tid is not None:
             eos.add(tid)
@@ -59,6 +78,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`: BOS (if asked and the tokenizer has one) + the text, no other specials."""
+        check_text(text)
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return ([self.bos_token_id] if add_bos and self.bos_token_id is not None else []) + ids
 

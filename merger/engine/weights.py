@@ -11,6 +11,7 @@ import functools
 import math
 import mmap
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +22,9 @@ from merger.io.checkpoint import Checkpoint
 
 
 HUGE_PAGE = 2 << 20  # x86-64 transparent huge page
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+# buffers older transformers saved beside the weights; the engine computes RoPE itself
+_IGNORED = re.compile(r".*\.rotary_emb\.inv_freq")
 
 
 @functools.cache
@@ -53,19 +57,29 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
 
 
 class _Reader:
-    """Reads checkpoint tensors converted to the target dtype/device, with a clear error when absent."""
+    """Reads checkpoint tensors converted to the target dtype/device, with a clear error when absent.
+    On the meta device it reads nothing: shapes come from the headers, and `used` collects the names."""
 
     def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
         self.ckpt, self.cfg, self.dtype, self.device = ckpt, cfg, dtype, device
+        self.used: set[str] = set()
 
     def has(self, name: str) -> bool:
         return self.ckpt.has(name)
 
     def _read(self, name: str) -> torch.Tensor:
         if not self.ckpt.has(name):
+            m = _LAYER.match(name)
+            if m and not any(n.startswith(m[0]) for n in self.ckpt.names):
+                raise CheckpointError(
+                    f"{self.ckpt.path}: config.json says {self.cfg.num_layers} layers but the weights have no "
+                    f"layer {m[1]} ({name} is missing); config.json and the weights disagree: fix num_hidden_layers")
             raise CheckpointError(
                 f"{self.ckpt.path}: tensor {name!r} is missing; the weights do not match config.json "
                 f"(model_type {self.cfg.model_type!r}); re-save the checkpoint or fix its config")
+        self.used.add(name)
+        if self.device.type == "meta":
+            return torch.empty(self.ckpt.shape(name), dtype=self.dtype, device=self.device)
         return self.ckpt.get(name).to(device=self.device, dtype=self.dtype)
 
     def _cat(self, names: list[str]) -> torch.Tensor:
@@ -90,9 +104,40 @@ class _Reader:
 
 
 def read_state_dict(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """Every tensor the Transformer needs, named as its parameters, read lazily from `path`."""
+    """Every tensor the Transformer needs, named as its parameters, read lazily from `path`.
+
+    Before any tensor data is read, the names are checked against config.json: a missing tensor, or one the
+    model would not use (a layer beyond num_hidden_layers, a bias the config turns off), is a CheckpointError.
+    """
     ckpt = Checkpoint(path)
-    r = _Reader(ckpt, cfg, dtype, device)
+    try:
+        names_only = _Reader(ckpt, cfg, dtype, torch.device("meta"))
+        _assemble(names_only, cfg)
+        _check_unused(ckpt, cfg, names_only.used)
+        return _assemble(_Reader(ckpt, cfg, dtype, device), cfg)
+    finally:
+        ckpt.close()
+
+
+def _check_unused(ckpt: Checkpoint, cfg: ModelConfig, used: set[str]) -> None:
+    """Every stored tensor must be one the model reads: anything else means config.json describes another model."""
+    for name in ckpt.names:
+        if name in used or _IGNORED.fullmatch(name):
+            continue
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # tied: lm_head *is* the embedding, even if a stale copy was saved
+        m = _LAYER.match(name)
+        if m and int(m[1]) >= cfg.num_layers:
+            top = max(int(k[1]) for n in ckpt.names if (k := _LAYER.match(n)))
+            raise CheckpointError(f"{ckpt.path}: config.json says {cfg.num_layers} layers but the weights hold "
+                                  f"layer {m[1]} ({name}); config.json and the weights disagree: fix "
+                                  f"num_hidden_layers (they hold layers up to {top})")
+        raise CheckpointError(f"{ckpt.path}: tensor {name!r} is not used by the {cfg.model_type} model config.json "
+                              "describes; config.json and the weights disagree: fix config.json (layer count, "
+                              "biases, experts) or re-save the checkpoint")
+
+
+def _assemble(r: _Reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {"embed": r.get("model.embed_tokens.weight")}
     for i in range(cfg.num_layers):
         p, o = f"model.layers.{i}.", f"layers.{i}."
@@ -112,7 +157,6 @@ def read_state_dict(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: to
     sd["norm.weight"] = r.get("model.norm.weight")
     # tie_word_embeddings means lm_head *is* the embedding, even if a stale lm_head was saved
     sd["output"] = sd["embed"] if cfg.tie_word_embeddings else r.get("lm_head.weight")
-    ckpt.close()
     return sd
 
 
