@@ -48,6 +48,6 @@ def merger_resolve_model(reference: str, options: dict[str, Any]) -> Path | None
 def resolve_hub_model(reference: str, options: dict[str, Any]) -> Path | None:
     """A Hub repo id `org/name[@revision]`, downloaded into the HF cache. Tried last, after the
     local folders and any plugin resolver; a missing local-looking path never reaches the network."""
-    from merger.io.hub import resolve_hub_model as resolve
+    from merger.io.hub_fetch import resolve_hub_model as resolve
 
     return resolve(reference, options)

@@ -82,7 +82,7 @@ def split_front_matter(text: str) -> tuple[dict[str, Any] | None, str]:
 
 def hub_inputs(refs: list[str], paths: dict[str, Path] | None, base_dir: str | None) -> dict[str, str]:
     """{reference: repo id} for the inputs that came from the Hub (not a local folder)."""
-    from merger.io.hub import meant_as_local, parse_reference
+    from merger.io.refs import meant_as_local, parse_reference
 
     out = {}
     for ref in refs:

@@ -79,7 +79,7 @@ def build(
     if endpoint:
         options["endpoint"] = endpoint
     if push_to is not None:
-        from merger.io.hub import check_repo_id
+        from merger.io.hub_publish import check_repo_id
         check_repo_id(push_to)  # a typo fails before the merge, not after
     loaded = load_recipe(recipe)
     out = build_recipe(loaded, out_dir, force=force, shard_bytes=shard, seed=random_seed,
@@ -87,7 +87,7 @@ def build(
     if push_to is None:
         typer.echo(f"wrote {out}", err=True)
         return
-    from merger.io.hub import publish_folder
+    from merger.io.hub_publish import publish_folder
     try:
         url = publish_folder(out, push_to, private=private, options=options)
     except MergerError as e:
@@ -107,7 +107,7 @@ def publish(
 ) -> None:
     """Upload FOLDER to the Hugging Face Hub in one commit, with a model card (README.md).
     The token comes from HF_TOKEN or `hf auth login`."""
-    from merger.io.hub import publish_folder
+    from merger.io.hub_publish import publish_folder
 
     url = publish_folder(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
                          options={"endpoint": endpoint} if endpoint else {})

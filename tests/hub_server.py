@@ -1,6 +1,7 @@
 """A loopback Hugging Face Hub for tests: the endpoints the real huggingface_hub client uses to
 create repos, commit files (base64 "regular" or LFS "basic" uploads), read repo info and trees,
-and download files. Standard library only; see /work/shared/hub-protocol.md for the contract.
+and download files (whole, or a byte range). Tests can make chosen requests stall (never answered).
+Standard library only; see /work/shared/hub-protocol.md for the contract.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import json
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -85,11 +87,27 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}
         self.requests: list[tuple[str, str]] = []
+        self.ranges: list[tuple[str, str, str | None]] = []  # (method, path, Range header) of each request
+        # stall(method, path): True -> the request is never answered (until the server stops);
+        # a number -> answered after that many seconds; False/0/None -> answered at once
+        self.stall: Callable[[str, str], bool | float | None] | None = None
+        self.stall_body_after: int | None = None  # file GETs send this many body bytes, then stall
+        self.honour_ranges = True  # False: answer 200 with the whole file, like a server without Range support
         self.lock = threading.Lock()
 
     def files(self, repo_id: str, rev: str = "main") -> dict[str, Blob]:
         repo = self.repos[repo_id]
         return repo.commits[repo.resolve(rev)]
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes], lfs: tuple[str, ...] = (".safetensors", ".bin"),
+                 private: bool = False) -> str:
+        """Seed a repo (one commit on main) without going through the client; returns the commit sha.
+        Files ending in `lfs` are stored as LFS blobs, like the Hub stores weights."""
+        with self.lock:
+            repo = self.repos.setdefault(repo_id, Repo(private=private))
+            blobs = {path: Blob(data, lfs=path.endswith(lfs)) for path, data in files.items()}
+            repo.refs["main"] = repo.commit(repo.refs.get("main"), blobs, f"add {len(files)} files")
+            return repo.refs["main"]
 
 
 class HubError(Exception):
@@ -107,7 +125,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- plumbing ---------------------------------------------------------------------------
     def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-              content_type: str = "application/json") -> None:
+              content_type: str = "application/json", body_limit: int | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         for k, v in (headers or {}).items():
@@ -115,7 +133,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(body)
+            self.wfile.write(body if body_limit is None else body[:body_limit])
 
     def _json(self, obj, status: int = 200) -> None:
         self._send(status, json.dumps(obj).encode())
@@ -149,6 +167,14 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         with state.lock:
             state.requests.append((self.command, url.path))
+            state.ranges.append((self.command, url.path, self.headers.get("Range")))
+        delay = state.stall(self.command, url.path) if state.stall is not None else None
+        if delay is True:
+            self.server.closing.wait(120)  # hold the connection without a byte of answer
+            self.close_connection = True
+            return
+        if delay:
+            self.server.closing.wait(float(delay))
         for method, pattern, fn in ROUTES:
             m = re.fullmatch(pattern, url.path)
             if m and method == self.command or (m and method == "GET" and self.command == "HEAD"):
@@ -286,11 +312,23 @@ class Handler(BaseHTTPRequestHandler):
             raise HubError(404, "EntryNotFound", f"{path} does not exist")
         data = blob.data
         status, headers = 200, {"X-Repo-Commit": sha, "ETag": f'"{blob.etag()}"', "Accept-Ranges": "bytes"}
-        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
-        if m and self.command == "GET":
-            start, end = int(m.group(1)), int(m.group(2) or len(data) - 1)
+        m = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range") or "")
+        if m and self.command == "GET" and (m.group(1) or m.group(2)) and self.server.state.honour_ranges:
+            if m.group(1):
+                start, end = int(m.group(1)), min(int(m.group(2) or len(data) - 1), len(data) - 1)
+            else:  # bytes=-N: the last N bytes
+                start, end = max(len(data) - int(m.group(2)), 0), len(data) - 1
+            if start >= len(data) or start > end:
+                return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
             data, status = data[start:end + 1], 206
+        cut = self.server.state.stall_body_after
+        if cut is not None and self.command == "GET" and cut < len(data):
+            self._send(status, data, headers, content_type="application/octet-stream", body_limit=cut)
+            self.wfile.flush()
+            self.server.closing.wait(120)
+            self.close_connection = True
+            return
         self._send(status, data, headers, content_type="application/octet-stream")
 
 
@@ -318,6 +356,7 @@ class HubServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.state = HubState(upload_mode, token)
         self.endpoint = f"http://127.0.0.1:{self.server_address[1]}"
+        self.closing = threading.Event()  # releases stalled requests
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 
     def __enter__(self) -> HubServer:
@@ -325,5 +364,6 @@ class HubServer(ThreadingHTTPServer):
         return self
 
     def __exit__(self, *exc) -> None:
+        self.closing.set()
         self.shutdown()
         self.server_close()

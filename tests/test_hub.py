@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from merger import synth
 from merger.card import split_front_matter
 from merger.cli import app
-from merger.io.hub import choose_files
+from merger.io.hub_fetch import choose_files
 
 TOKEN = "loopback-test-token"
 LICENSE_CARD = b"---\nlicense: apache-2.0\n---\n# a tiny test model\n"

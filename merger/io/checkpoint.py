@@ -6,8 +6,10 @@ Tied embeddings (`tie_word_embeddings` and no `lm_head.weight`) expose lm_head a
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import stat
 import struct
 from pathlib import Path
 from typing import Any
@@ -28,39 +30,127 @@ _ST_DTYPES = {
 }
 
 
+LAYER_RE = re.compile(r"^(.*?layers\.)(\d+)(\..+)$")
+DECODER_LAYERS = "model.layers."
+MAX_HEADER_BYTES = 100_000_000   # safetensors' own limit
+MAX_JSON_BYTES = 64 * 1024 * 1024  # config.json and the shard index are kilobytes
+
+
+def split_layer(name: str) -> tuple[str, int, str] | None:
+    """'model.layers.3.mlp.up_proj.weight' -> ('model.layers.', 3, '.mlp.up_proj.weight')."""
+    m = LAYER_RE.match(name)
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+def _int_list(v: Any, n: int | None = None) -> bool:
+    return (isinstance(v, list) and (n is None or len(v) == n)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v))
+
+
+def parse_safetensors_header(raw: bytes, data_size: int) -> dict[str, dict[str, Any]]:
+    """Validate a safetensors header (the JSON after the 8-byte length) for a data section of
+    `data_size` bytes: every entry has a known dtype, a shape of non-negative ints and offsets whose
+    byte count fits that shape, and the entries tile the data section exactly (no overlap, no gap),
+    as the safetensors library itself requires. ValueError says what is wrong."""
+    try:
+        header = json.loads(raw)
+    except RecursionError:
+        raise ValueError("header JSON is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ValueError("__metadata__ is not a mapping of strings")
+    spans = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise ValueError(f"tensor {name!r}: entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+            raise ValueError(f"tensor {name!r} has unsupported dtype {dtype!r}")
+        if not _int_list(shape):
+            raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+        if not _int_list(offsets, 2) or offsets[0] > offsets[1]:
+            raise ValueError(f"tensor {name!r}: data_offsets {offsets!r} are not two ascending integers")
+        if offsets[1] > data_size:
+            raise ValueError(f"tensor {name!r} points outside the file")
+        if (offsets[1] - offsets[0]) != math.prod(shape) * _ST_DTYPES[dtype].itemsize:
+            raise ValueError(f"tensor {name!r} has {offsets[1] - offsets[0]} bytes for shape {shape} {dtype}")
+        spans.append((offsets[0], offsets[1], name))
+    pos = 0
+    for start, end, name in sorted(spans):
+        if start != pos:
+            raise ValueError(f"tensor {name!r} {'overlaps the one before it' if start < pos else 'leaves a gap'} "
+                             f"(offset {start}, expected {pos})")
+        pos = end
+    if pos != data_size:
+        raise ValueError(f"the tensors cover {pos} of the file's {data_size} data bytes")
+    return header
+
+
+def regular_file(path: Path) -> bool:
+    """True for a regular file (or a link to one): never a FIFO or device that would block a read."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     """Parse a .safetensors header without touching tensor data; CheckpointError if it is corrupt."""
     try:
+        if not regular_file(path):
+            raise ValueError("not a regular file")
         with open(path, "rb") as f:
             raw_len = f.read(8)
             if len(raw_len) != 8:
                 raise ValueError("file shorter than its 8-byte header length")
             (n,) = struct.unpack("<Q", raw_len)
-            size = path.stat().st_size
-            if n > size - 8 or n > 100_000_000:
+            size = os.fstat(f.fileno()).st_size
+            if n > size - 8 or n > MAX_HEADER_BYTES:
                 raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            start, end = info["data_offsets"]
-            if not 0 <= start <= end <= size - 8 - n:
-                raise ValueError(f"tensor {name!r} points outside the file")
-            if info["dtype"] not in _ST_DTYPES:
-                raise ValueError(f"tensor {name!r} has unsupported dtype {info['dtype']}")
-        return header
-    except (OSError, ValueError, KeyError, TypeError) as e:
+            return parse_safetensors_header(f.read(n), size - 8 - n)
+    except (OSError, ValueError) as e:
         raise CheckpointError(
             f"{path}: not a readable safetensors file ({e}); re-download or re-save the checkpoint"
         ) from None
 
 
+def read_json(path: Path, what: str) -> Any:
+    """A small JSON file (config.json, an index): CheckpointError naming it when it cannot be read."""
+    if not regular_file(path):
+        raise CheckpointError(f"{path}: {what} is not a regular file; re-download the checkpoint")
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path}: {what} is larger than {MAX_JSON_BYTES // 2**20} MiB; is it the right file?")
+        return json.loads(path.read_bytes())
+    except RecursionError:
+        raise CheckpointError(f"{path}: {what} is nested too deeply to be a real {what}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e}); re-download the checkpoint") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+
+
+def confined_name(name: Any) -> bool:
+    """An index entry must name a file inside the model folder: relative, no `..`, no backslashes."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name or name.startswith("/"):
+        return False
+    parts = name.split("/")
+    return all(p not in ("", ".", "..") for p in parts)
+
+
 class Checkpoint:
     """One model folder. `names` keeps the on-disk order; `get(name)` reads a single tensor."""
 
-    def __init__(self, path: str | Path, label: str | None = None, allow_pickle: bool = False):
+    def __init__(self, path: str | Path, label: str | None = None, allow_pickle: bool = False,
+                 remote_headers: dict[str, dict[str, dict[str, Any]]] | None = None):
+        """`remote_headers` ({file: parsed header}) stands in for weight files not downloaded (a Hub
+        model checked by `merger validate`): names and shapes are known, reading data is refused."""
         self.path = Path(path)
+        self.remote = dict(remote_headers or {})
         self.label = label or str(path)
         if not self.path.is_dir():
             raise CheckpointError(f"model {self.label!r}: folder {self.path} does not exist")
@@ -71,16 +161,15 @@ class Checkpoint:
         self._data_start: dict[str, int] = {}
         self._pickled: dict[str, torch.Tensor] = {}
         index = self.path / INDEX_NAME
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{index}: invalid index ({e}); re-save the checkpoint") from None
+        if index.exists():
+            weight_map = read_index(index)
             files = sorted(set(weight_map.values()))
-        elif (self.path / SINGLE_NAME).is_file():
+        elif (self.path / SINGLE_NAME).exists() or SINGLE_NAME in self.remote:
             files, weight_map = [SINGLE_NAME], None
+        elif self.remote:
+            files, weight_map = sorted(self.remote), None
         else:
-            found = sorted(p.name for p in self.path.glob("*.safetensors"))
+            found = sorted(p.name for p in self.path.glob("*.safetensors") if regular_file(p))
             pickles = sorted(p.name for p in self.path.iterdir() if is_pickle_weights(p.name))
             if not found and pickles and allow_pickle:
                 files, weight_map = [], None
@@ -93,9 +182,16 @@ class Checkpoint:
                 files, weight_map = found, None
         for fname in files:
             fpath = self.path / fname
-            if not fpath.is_file():
+            if fname in self.remote and not fpath.exists():
+                header = self.remote[fname]
+            elif not fpath.exists():
                 raise CheckpointError(f"model {self.label!r}: shard {fname} named in the index is missing")
-            for name, info in read_safetensors_header(fpath).items():
+            else:
+                header = read_safetensors_header(fpath)
+            for name, info in header.items():
+                if weight_map is None and name in self._file_of:
+                    raise CheckpointError(f"model {self.label!r}: tensor {name!r} is in both {self._file_of[name]} "
+                                          f"and {fname}; keep one copy (or write an index)")
                 if weight_map is None or weight_map.get(name) == fname:
                     self._file_of[name] = fname
                     self._info[name] = info
@@ -104,8 +200,10 @@ class Checkpoint:
             if missing:
                 raise CheckpointError(
                     f"model {self.label!r}: tensor {missing[0]} listed in the index is not in its shard")
-        self.tied = bool(self.config.get("tie_word_embeddings", False)) and "lm_head.weight" not in self._info
+        self.tied = self.config.get("tie_word_embeddings") is True and "lm_head.weight" not in self._info
         self.names: list[str] = list(self._file_of)
+        self.num_layers = config_layers(self.config, self.path / "config.json")
+        check_stored_layers(self.names, self.num_layers, self.path)
 
     # --- metadata -------------------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -134,10 +232,6 @@ class Checkpoint:
         start, end = self._info[self._resolve(name)]["data_offsets"]
         return end - start
 
-    @property
-    def num_layers(self) -> int:
-        return int(self.config.get("num_hidden_layers", 0))
-
     # --- data -----------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor into memory of its own. Not an mmap view: mapped pages, once read, count
@@ -146,6 +240,9 @@ class Checkpoint:
         if real in self._pickled:
             return self._pickled[real]
         fname = self._file_of[real]
+        if fname in self.remote and not (self.path / fname).exists():
+            raise CheckpointError(f"model {self.label!r}: {fname} was not downloaded (headers only); "
+                                  f"build the recipe to fetch the weights")
         fh = self._handles.get(fname)
         if fh is None:
             try:
@@ -182,11 +279,8 @@ class Checkpoint:
         """Only with --allow-pickle: plain tensors via torch.load(weights_only=True), which refuses
         to run code or build arbitrary objects; mmap keeps the tensors on disk until read."""
         index = self.path / PICKLE_INDEX_NAME
-        if index.is_file():
-            try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{index}: invalid index ({e}); re-save the checkpoint") from None
+        if index.exists():
+            names = sorted(set(read_index(index).values()))
         st_name = {v: k for k, v in _ST_DTYPES.items()}
         for fname in names:
             fpath = self.path / fname
@@ -219,14 +313,49 @@ def is_pickle_weights(name: str) -> bool:
     return base.endswith((".bin", ".pt", ".pth")) and not _NOT_WEIGHTS.fullmatch(base)
 
 
+def read_index(index: Path) -> dict[str, str]:
+    """The weight_map of a shard index: tensor name -> a shard file inside the model folder."""
+    data = read_json(index, "the shard index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
+        raise CheckpointError(f"{index}: invalid index (no `weight_map` mapping tensor names to files); "
+                              f"re-save the checkpoint")
+    for name, fname in weight_map.items():
+        if not confined_name(fname):
+            raise CheckpointError(f"{index}: tensor {name!r} maps to {fname!r}, which is not a file inside the "
+                                  f"model folder; fix the index")
+    return weight_map
+
+
 def load_config(path: Path, label: str) -> dict[str, Any]:
     cfg = path / "config.json"
-    if not cfg.is_file():
+    if not cfg.exists():
         raise CheckpointError(f"model {label!r}: {cfg} is missing; a model folder needs its config.json")
-    try:
-        data = json.loads(cfg.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{cfg}: invalid JSON ({e})") from None
+    data = read_json(cfg, "config.json")
     if not isinstance(data, dict):
         raise CheckpointError(f"{cfg}: expected a JSON object")
     return data
+
+
+def config_layers(config: dict[str, Any], where: Path) -> int:
+    """config.json's num_hidden_layers (0 when absent): a non-negative integer, or CheckpointError."""
+    n = config.get("num_hidden_layers", 0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise CheckpointError(f"{where}: num_hidden_layers {n!r} is not a non-negative integer; fix config.json")
+    return n
+
+
+def check_stored_layers(names: list[str], num_layers: int, folder: Path) -> None:
+    """The decoder layers the weights hold (`model.layers.N.*`) must be exactly those config.json counts."""
+    stored = {sp[1] for n in names if n.startswith(DECODER_LAYERS) and (sp := split_layer(n))}
+    if not stored:
+        return
+    extra = sorted(i for i in stored if i >= num_layers)
+    if extra:
+        first = next(n for n in names if n.startswith(DECODER_LAYERS) and (sp := split_layer(n)) and sp[1] == extra[0])
+        raise CheckpointError(f"{folder}: config.json says {num_layers} layers but the weights hold layer "
+                              f"{extra[0]} ({first}); fix num_hidden_layers in config.json")
+    missing = sorted(set(range(num_layers)) - stored)
+    if missing:
+        raise CheckpointError(f"{folder}: config.json says {num_layers} layers but the weights have no layer "
+                              f"{missing[0]}; fix num_hidden_layers or restore the missing shard")
