@@ -26,7 +26,7 @@ from merger.engine.generate import generate_ids
 from merger.engine.model import load_model
 from merger.io.dtypes import parse_dtype
 from merger.io.hf import write_config
-from merger.io.writer import ShardWriter
+from merger.io.writer import write_tensors
 
 
 def make_models(root: Path, a: argparse.Namespace) -> dict[str, Path]:
@@ -48,10 +48,10 @@ def make_models(root: Path, a: argparse.Namespace) -> dict[str, Path]:
     kv = cfg["num_key_value_heads"] * cfg["head_dim"]
     for p in paths.values():
         p.mkdir(parents=True, exist_ok=True)
-    writers = {k: ShardWriter(p, 2 * 10**9) for k, p in paths.items()}
+    writers: dict[str, dict[str, torch.Tensor]] = {k: {} for k in paths}
     both = list(writers.values())
     for w in both:
-        w.add("model.embed_tokens.weight", torch.randn(v, d, generator=g).bfloat16())
+        w["model.embed_tokens.weight"] = torch.randn(v, d, generator=g).bfloat16()
     for i in range(a.layers):
         p = f"model.layers.{i}."
         shared = {"input_layernorm.weight": torch.ones(d).bfloat16(), "self_attn.q_proj.weight": lin(d, d),
@@ -59,22 +59,22 @@ def make_models(root: Path, a: argparse.Namespace) -> dict[str, Path]:
                   "self_attn.o_proj.weight": lin(d, d), "post_attention_layernorm.weight": torch.ones(d).bfloat16()}
         for name, t in shared.items():
             for w in both:
-                w.add(p + name, t)
+                w[p + name] = t
         mlp = {"gate_proj": lin(f, d), "up_proj": lin(f, d), "down_proj": lin(d, f)}
         for name, t in mlp.items():
-            writers["dense"].add(f"{p}mlp.{name}.weight", t)
-        writers["moe"].add(p + "block_sparse_moe.gate.weight", lin(a.experts, d))
+            writers["dense"][f"{p}mlp.{name}.weight"] = t
+        writers["moe"][p + "block_sparse_moe.gate.weight"] = lin(a.experts, d)
         for j in range(a.experts):
             for ours, theirs in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj")):
                 t = mlp[theirs]
                 noisy = (t.float() + 0.1 * t.float().std() * torch.randn(t.shape, generator=g)).bfloat16()
-                writers["moe"].add(f"{p}block_sparse_moe.experts.{j}.{ours}.weight", noisy)
+                writers["moe"][f"{p}block_sparse_moe.experts.{j}.{ours}.weight"] = noisy
     norm, head = torch.ones(d).bfloat16(), lin(v, d)
     for w in both:
-        w.add("model.norm.weight", norm)
-        w.add("lm_head.weight", head)
+        w["model.norm.weight"] = norm
+        w["lm_head.weight"] = head
     for (k, p), c in zip(paths.items(), (cfg, moe_cfg)):
-        writers[k].finish()
+        write_tensors(p, writers[k], 2 * 10**9)
         write_config(p, c, torch.bfloat16)
         synth.write_tokenizer(p, 512)
         (p / "bench.json").write_text(stamp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from merger.errors import CheckpointError
 from merger.hookspecs import hookimpl
 from merger.methods.linear import Linear
 from merger.methods.passthrough import Passthrough
@@ -34,7 +35,12 @@ def merger_register_gate_initializers(register) -> None:
 def merger_resolve_model(reference: str, options: dict[str, Any]) -> Path | None:
     """A local folder: absolute, or relative to options['base_dir'] (default: current folder).
     A .gguf file (or a folder holding one and no config.json) becomes a converted-once cached folder."""
-    path = Path(reference).expanduser()
+    try:
+        path = Path(reference).expanduser()
+    except RuntimeError:  # `~nosuchuser/x`
+        user = reference.split("/", 1)[0]
+        raise CheckpointError(f"model {reference!r}: {user} is not a user on this machine; give the folder's "
+                              f"path or a Hub repo id (org/name)") from None
     if not path.is_absolute():
         path = Path(options.get("base_dir") or ".") / path
     if not path.exists():

@@ -132,7 +132,14 @@ def with_front_matter(text: str, meta: dict[str, Any]) -> str:
 
 
 # --- card bodies ---------------------------------------------------------------------------------
-def _fenced(text: str) -> list[str]:
+MAX_CARD_RECIPE = 64 * 1024  # a longer recipe (long prompt lists) stays in merger_config.yml only
+
+
+def recipe_block(text: str) -> list[str]:
+    """The recipe as a fenced YAML block for a card (a prompt may hold a code fence), or a pointer to
+    merger_config.yml when it is too long to show."""
+    if len(text) > MAX_CARD_RECIPE:
+        return [f"The recipe ({len(text) // 1024} KiB) is too long to show here; see `{RECIPE_NAME}`."]
     fence = "````" if "```" in text else "```"
     return [fence + "yaml", text.rstrip("\n"), fence]
 
@@ -174,7 +181,7 @@ def card_body(data: dict[str, Any], recipe_text: str, title: str, hub: dict[str,
         base = data.get("base_model")
         lines += [_input_line(ref, hub, paths, " — base" if ref == base else "")
                   for ref in recipe_refs({k: data.get(k) for k in ("base_model", "models", "slices")})]
-    lines += ["", "## Recipe", "", "The recipe, as saved in `merger_config.yml`:", "", *_fenced(recipe_text), ""]
+    lines += ["", "## Recipe", "", "The recipe, as saved in `merger_config.yml`:", "", *recipe_block(recipe_text), ""]
     return "\n".join(lines)
 
 

@@ -8,16 +8,46 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from merger import plugins
 from merger.errors import MergerError
+from merger.listing import gate_rows, method_rows, print_table, show_registry
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (a missing argument, `-n abc`, an unknown option) end like every other error:
+    one line on stderr naming what to fix, exit code 1."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `merger`: the help, as usual
+            typer.echo(e.format_message())
+            rv = 0
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            typer.echo(f"error: {' '.join(e.format_message().split())}{hint}", err=True)
+            rv = 1
+        except click.Abort:
+            typer.echo("error: interrupted; nothing was written", err=True)
+            rv = 1
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineErrors,
                   help="Merge LLM checkpoints and compose them into Mixture-of-Experts models.")
 
 EndpointOpt = Annotated[Optional[str], typer.Option(
     help="Hugging Face Hub URL (default: $HF_ENDPOINT, else https://huggingface.co).")]
+TimeoutOpt = Annotated[float, typer.Option(
+    help="Seconds each Hub request may take before it is given up (HF_HUB_ETAG_TIMEOUT and "
+         "HF_HUB_DOWNLOAD_TIMEOUT still apply to huggingface_hub's own calls).", min=0.1)]
 PluginOpt = Annotated[Optional[list[Path]], typer.Option(
     "--plugin", help="Load a one-off plugin module from a .py file (repeatable).")]
 
@@ -60,22 +90,24 @@ def build(
     allow_pickle: Annotated[bool, typer.Option(
         "--allow-pickle", help="Accept .bin/.pt weights, loaded with torch.load(weights_only=True).")] = False,
     endpoint: EndpointOpt = None,
+    timeout: TimeoutOpt = 30.0,
     push_to: Annotated[Optional[str], typer.Option(
         "--push-to", help="Then publish OUT_DIR to this Hub repo (org/name), like `merger publish`.")] = None,
     private: Annotated[bool, typer.Option("--private", help="With --push-to: create the repo private.")] = False,
     plugin: PluginOpt = None,
 ) -> None:
     """Build a merge (or an MoE when the recipe has `experts`) into OUT_DIR."""
-    from merger.execute import build_recipe
+    from merger.pipeline import build_recipe
     from merger.io.writer import parse_size
-    from merger.recipe import load_recipe
+    from merger.recipe_file import load_recipe
 
     _load_plugin_files(plugin)
     try:
         shard = parse_size(out_shard_size)
     except ValueError as e:
         fail(f"--out-shard-size: {e}")
-    options: dict[str, Any] = {"allow_pickle": allow_pickle, "progress": False if quiet else None}
+    options: dict[str, Any] = {"allow_pickle": allow_pickle, "progress": False if quiet else None,
+                               "timeout": timeout}
     if endpoint:
         options["endpoint"] = endpoint
     if push_to is not None:
@@ -104,26 +136,42 @@ def publish(
     revision: Annotated[str, typer.Option(help="Branch to commit to; created if missing.")] = "main",
     commit_message: Annotated[Optional[str], typer.Option(help="Commit message.")] = None,
     endpoint: EndpointOpt = None,
+    timeout: TimeoutOpt = 30.0,
 ) -> None:
     """Upload FOLDER to the Hugging Face Hub in one commit, with a model card (README.md).
     The token comes from HF_TOKEN or `hf auth login`."""
     from merger.io.hub_publish import publish_folder
 
+    options: dict[str, Any] = {"timeout": timeout, **({"endpoint": endpoint} if endpoint else {})}
     url = publish_folder(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
-                         options={"endpoint": endpoint} if endpoint else {})
+                         options=options)
     typer.echo(f"published {folder} to {url}", err=True)
 
 
 @app.command()
 @user_errors
-def validate(recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")], plugin: PluginOpt = None) -> None:
-    """Check a recipe (names, parameters, model counts) without reading any tensor."""
-    from merger.recipe import load_recipe
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")],
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights.")] = False,
+    endpoint: EndpointOpt = None,
+    timeout: TimeoutOpt = 30.0,
+    plugin: PluginOpt = None,
+) -> None:
+    """Check a recipe as `build` would, without reading any tensor: names, parameters at every tensor
+    and layer, model counts, and the models themselves (configs and safetensors headers; Hub models
+    by their headers, without downloading weights)."""
+    from merger.pipeline import prepare
+    from merger.recipe_file import load_recipe
 
     _load_plugin_files(plugin)
     loaded = load_recipe(recipe)
+    options: dict[str, Any] = {"allow_pickle": allow_pickle, "headers_only": True, "timeout": timeout,
+                               "progress": False, **({"endpoint": endpoint} if endpoint else {})}
+    prepared = prepare(loaded, options, label=str(recipe))
+    for ck in prepared.checkpoints.values():
+        ck.close()
     kind = getattr(loaded, "merge_method", None) or f"moe ({getattr(loaded, 'gate_mode', '?')})"
-    typer.echo(f"{recipe}: ok ({kind})")
+    typer.echo(f"{recipe}: ok ({kind}): {'; '.join(prepared.plan.summary)}")
 
 
 @app.command()
@@ -194,58 +242,6 @@ def generate(
                f"{res.prefill_s:.2f}s, decode {res.decode_tokens_per_s:.1f} tokens/s", err=True)
 
 
-def method_rows() -> list[dict[str, str]]:
-    rows = []
-    for name, cls in sorted(plugins.methods().items()):
-        rows.append({
-            "name": name,
-            "parameters": ", ".join(_fields(cls.Params, "")),
-            "per-model": ", ".join(_fields(cls.ModelParams, "")),
-            "base_model": {"none": "no", "optional": "optional", "required": "required"}[cls.base],
-            "reference": cls.reference,
-            "plugin": getattr(cls, "_merger_plugin", "?"),
-        })
-    return rows
-
-
-def _fields(model: Any, prefix: str) -> list[str]:
-    out = []
-    for fname, f in model.model_fields.items():
-        key = f.alias or fname
-        out.append(f"{prefix}{key}" + (" (required)" if f.is_required() else f"={f.default!r}"))
-    return out
-
-
-def print_table(table: Any) -> None:
-    """Print a rich table whole: names fold rather than end in an ellipsis (they are copied into
-    recipes), and piped output is not squeezed to 80 columns (it is grepped)."""
-    from rich.console import Console
-
-    for col in table.columns:
-        col.overflow = "fold"
-    Console(width=None if sys.stdout.isatty() else 10_000).print(table)
-
-
-def markdown_table(rows: list[dict[str, str]], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(r[c].replace("|", "\\|") or "—" for c in columns) + " |")
-    return "\n".join(lines)
-
-
-def show_registry(rows: list[dict[str, str]], cols: list[str], markdown: bool) -> None:
-    """A registry listing: Markdown (the README's tables) or a terminal table with the plugin column."""
-    if markdown:
-        typer.echo(markdown_table(rows, cols))
-        return
-    from rich.table import Table
-
-    table = Table(*cols, "plugin")
-    for r in rows:
-        table.add_row(*(r[c] for c in cols), r["plugin"])
-    print_table(table)
-
-
 @app.command()
 @user_errors
 def methods(markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,
@@ -253,13 +249,6 @@ def methods(markdown: Annotated[bool, typer.Option("--markdown", help="Print a M
     """List registered merge methods and their parameters."""
     _load_plugin_files(plugin)
     show_registry(method_rows(), ["name", "parameters", "per-model", "base_model", "reference"], markdown)
-
-
-def gate_rows() -> list[dict[str, str]]:
-    return [{"name": name, "prompts": "required" if cls.needs_prompts else "no",
-             "parameters": ", ".join(_fields(cls.Params, "")), "description": cls.description,
-             "plugin": getattr(cls, "_merger_plugin", "?")}
-            for name, cls in sorted(plugins.gate_initializers().items())]
 
 
 @app.command()

@@ -8,8 +8,8 @@ from pathlib import Path
 import merger
 from merger import synth
 from merger.errors import MergerError
-from merger.execute import build_recipe
-from merger.recipe import load_recipe
+from merger.pipeline import build_recipe
+from merger.recipe_file import load_recipe
 
 MODEL_NAMES = ("base", "ft-a", "ft-b", "ft-c")
 ROUTE_PROMPTS = ("def add(a, b):", "Once upon a time")  # routed through the demo MoE

@@ -54,7 +54,7 @@ def run_real_demo(root: Path, gguf_file: Path | None = None, echo: Callable[[str
     from merger.engine.generate import generate
     from merger.engine.model import load_model
     from merger.engine.tokenizer import load_tokenizer
-    from merger.execute import build_recipe
+    from merger.pipeline import build_recipe
     from merger.io.gguf_convert import convert_gguf
     from merger.moe.recipe import load_moe_recipe
     from merger.moe.route import format_report, route_report

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from merger.io.hf import write_config
-from merger.io.writer import ShardWriter
+from merger.io.writer import write_tensors
 
 _CORPUS = """\
 Once upon a time there was a little fox who lived at the edge of a quiet forest. Every morning the
@@ -137,10 +137,7 @@ def write_checkpoint(path: str | Path, config: dict[str, Any], weights: dict[str
     """Write a Hugging Face folder: config, (sharded) safetensors, tokenizer files."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(path, max_shard_bytes or 10**12)
-    for name, t in weights.items():
-        writer.add(name, t.to(dtype))
-    writer.finish()
+    write_tensors(path, {name: t.to(dtype) for name, t in weights.items()}, max_shard_bytes or 10**12)
     write_config(path, config, dtype)
     if tokenizer:
         write_tokenizer(path, config["vocab_size"])

@@ -144,6 +144,7 @@ def test_corrupt_safetensors_header(tmp_path, tiny_models, damage):
 def test_output_exists_needs_force(tmp_path, tiny_models):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "config.json").write_text("{}")  # a previous output
     (out / "keep.txt").write_text("mine")
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(lin(tiny_models["ft_a"])))
@@ -154,6 +155,17 @@ def test_output_exists_needs_force(tmp_path, tiny_models):
     assert res.exit_code == 0, res.stderr
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]
+
+
+def test_force_never_replaces_a_folder_that_is_not_a_model_output(tmp_path, tiny_models):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "todo.txt").write_text("mine")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(lin(tiny_models["ft_a"])))
+    res = runner.invoke(app, ["build", str(path), str(out), "-q", "--force"])
+    assert res.exit_code == 1 and "not a model output" in res.stderr and "todo.txt" in res.stderr, res.stderr
+    assert (out / "todo.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["todo.txt"]
 
 
 def test_failure_midway_leaves_nothing(tmp_path, tiny_models):
@@ -175,11 +187,27 @@ def test_bad_shard_size(tmp_path, tiny_models):
                           "--out-shard-size")
 
 
-def test_validate_reads_no_tensor(tmp_path, tiny_models):
+def test_validate_reads_no_tensor(tmp_path, tiny_models, monkeypatch):
+    from merger.io.checkpoint import Checkpoint
+
+    def no_reads(self, name):
+        raise AssertionError(f"validate read tensor {name}")
+
+    monkeypatch.setattr(Checkpoint, "get", no_reads)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(lin(tiny_models["ft_a"], tiny_models["ft_b"])))
+    res = runner.invoke(app, ["validate", str(path)])
+    assert res.exit_code == 0 and "ok (linear)" in res.stdout and "2 models, 4 layers" in res.stdout, res.output
+
+
+def test_validate_resolves_every_reference(tmp_path, tiny_models):
+    """A model that does not exist fails `validate` as it fails `build`, with the same line."""
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(lin(tiny_models["ft_a"], tmp_path / "not-there-yet")))
     res = runner.invoke(app, ["validate", str(path)])
-    assert res.exit_code == 0 and "ok (linear)" in res.stdout
+    assert res.exit_code == 1 and "not-there-yet" in res.stderr
+    built = runner.invoke(app, ["build", str(path), str(tmp_path / "out"), "-q"])
+    assert built.exit_code == 1 and built.stderr == res.stderr
 
 
 def test_tokenizer_union_rejected(tmp_path, tiny_models):

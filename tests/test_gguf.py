@@ -279,8 +279,8 @@ def test_header_parser_matches_gguf_reader(tiny, tmp_path):
 # --- recipes: GGUF references resolve to a converted-once cache ------------------------------------
 
 def test_recipe_with_a_gguf_model_converts_once(tiny, tmp_path, monkeypatch):
-    from merger.execute import build_recipe, resolve_models
-    from merger.recipe import load_recipe
+    from merger.pipeline import build_recipe, resolve_models
+    from merger.recipe_file import load_recipe
 
     root, cfg, weights = tiny
     monkeypatch.setenv("MERGER_CACHE", str(tmp_path / "cache"))
@@ -378,7 +378,7 @@ def test_missing_gguf_package_says_how_to_install(tiny, tmp_path, monkeypatch):
 
 def test_folder_with_two_gguf_files_is_ambiguous(tiny, tmp_path):
     from merger.errors import CheckpointError
-    from merger.execute import resolve_models
+    from merger.pipeline import resolve_models
 
     root, cfg, weights = tiny
     write_gguf(tmp_path / "a.gguf", cfg, weights)
@@ -468,8 +468,8 @@ def test_smollm2_engine_greedy_tokens_equal_transformers(smol_hf):
 @needs_smol
 def test_smollm2_moe_of_copies_reproduces_its_logits(smol_hf, tmp_path):
     """Experts that are all the same dense MLP: whatever the router picks, the weights sum to 1."""
-    from merger.execute import build_recipe
-    from merger.recipe import load_recipe
+    from merger.pipeline import build_recipe
+    from merger.recipe_file import load_recipe
 
     recipe = tmp_path / "moe.yaml"
     recipe.write_text(f"base_model: {smol_hf}\ngate_mode: random\ndtype: float32\nexperts_per_token: 2\n"

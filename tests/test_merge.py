@@ -9,8 +9,8 @@ import torch
 import yaml
 from torch.testing import assert_close
 
-from merger.execute import build_recipe
-from merger.recipe import load_recipe
+from merger.pipeline import build_recipe
+from merger.recipe_file import load_recipe
 
 
 def build(tmp_path: Path, recipe: dict, name: str = "out", **kw) -> Path:

@@ -152,15 +152,13 @@ def test_invalid_parameters_fail_at_load(tmp_path, tiny_models, case, needles):
 
 def test_shard_bytes_do_not_depend_on_metadata_order(tmp_path):
     # safetensors writes __metadata__ in hash-map order; the writer sorts it so reruns match byte for byte.
-    from merger.io.writer import ShardWriter
+    from merger.io.writer import write_tensors
 
     blobs = set()
     for k in range(12):
         out = tmp_path / f"w{k}"
         out.mkdir()
-        writer = ShardWriter(out, metadata={"merger_method": "ties", "zeta": "1", "alpha": "2"})
-        writer.add("x", torch.arange(6.0))
-        writer.finish()
+        write_tensors(out, {"x": torch.arange(6.0)}, metadata={"merger_method": "ties", "zeta": "1", "alpha": "2"})
         blobs.add((out / "model.safetensors").read_bytes())
     assert len(blobs) == 1
     from safetensors import safe_open

@@ -13,8 +13,9 @@ import yaml
 from torch.testing import assert_close
 
 from merger import synth
-from merger.execute import build_recipe, tensor_seed
-from merger.recipe import load_recipe
+from merger.pipeline import build_recipe
+from merger.plan import tensor_seed
+from merger.recipe_file import load_recipe
 
 CODE = ["def add(a, b):", "import numpy as np"]
 STORY = ["Once upon a time", "The king said to the people"]
@@ -356,7 +357,7 @@ def test_similar_prompts_warn_about_indistinct_rows(tmp_path, tiny_models, capfd
 
 
 def test_readme_gate_table_matches_registry():
-    from merger.cli import gate_rows, markdown_table
+    from merger.listing import gate_rows, markdown_table
 
     rows = [r for r in gate_rows() if r["plugin"] == "merger.builtin"]
     table = markdown_table(rows, ["name", "prompts", "parameters", "description"])

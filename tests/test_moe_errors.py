@@ -205,15 +205,15 @@ def test_failure_while_writing_leaves_nothing(tmp_path, tiny_models, monkeypatch
     """Disk full halfway through the shards: the staged folder is removed, OUT_DIR never appears."""
     from merger.io.writer import ShardWriter
 
-    real, count = ShardWriter.add, []
+    real, count = ShardWriter.write, []
 
-    def add(self, name, tensor):
+    def write(self, name, tensor):
         count.append(name)
         if len(count) == 20:
             raise OSError(28, "No space left on device", str(tmp_path / "out"))
         return real(self, name, tensor)
 
-    monkeypatch.setattr(ShardWriter, "add", add)
+    monkeypatch.setattr(ShardWriter, "write", write)
     assert_one_line_error(*run_build(tmp_path, recipe(tiny_models, gate_mode="random"), "--out-shard-size", "100KB"),
                           "No space left on device")
     assert len(count) == 20

@@ -9,8 +9,9 @@ import torch
 import yaml
 
 from merger.demo import make_demo_models
-from merger.execute import build_recipe
-from merger.recipe import MergeRecipe, load_recipe
+from merger.pipeline import build_recipe
+from merger.recipe import MergeRecipe
+from merger.recipe_file import load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
@@ -62,4 +63,4 @@ def test_recipe_yaml_round_trip_keeps_lambda_alias(tmp_path, tiny_models):
          "models": [{"model": str(tiny_models["ft_a"]), "parameters": {"weight": 1.0}}]}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
     recipe = load_recipe(tmp_path / "r.yaml")
-    assert recipe.parameters == {"lambda": 0.5}
+    assert {k: v.raw for k, v in recipe.parameters.items()} == {"lambda": 0.5}

@@ -19,7 +19,8 @@ from merger.errors import CheckpointError, OutputError
 from merger.io.dtypes import dtype_name, parse_dtype
 from merger.io.gguf_tokenizer import check_tokenizer, special_token_ids, write_tokenizer_files
 from merger.io.hf import write_config
-from merger.io.writer import DEFAULT_SHARD_BYTES, ShardWriter, staged_output
+from merger.io.output import StagedOutput, check_output
+from merger.io.writer import DEFAULT_SHARD_BYTES, ShardWriter, TensorSpec
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 _GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -129,17 +130,22 @@ def convert_gguf(src: str | Path, out_dir: str | Path, *, dtype: torch.dtype = t
         plan = tensor_plan(f.tensors, cfg, src)
         if tokenizer:
             check_tokenizer(md, src)
-        with staged_output(out_dir, force=force) as tmp:
-            writer = ShardWriter(tmp, shard_bytes, metadata={"merger_source": "gguf", "gguf_file": src.name})
-            for k, (gname, hfname, heads) in enumerate(plan):
-                t = f.get(gname, dtype)
-                writer.add(hfname, unpermute_rotary(t, heads) if heads else t)
-                if progress:
-                    progress(k + 1, len(plan), writer.total_bytes)
-            writer.finish()
+        check_output(out_dir, force, files={"the GGUF file": src})
+        specs = [TensorSpec(hfname, f.tensors[gname].shape, dtype) for gname, hfname, _ in plan]
+        staged = StagedOutput(out_dir, force)
+        with staged as tmp:
+            meta = {"merger_source": "gguf", "gguf_file": src.name}
+            with ShardWriter(tmp, specs, shard_bytes, meta) as writer:
+                for k, (gname, hfname, heads) in enumerate(plan):
+                    t = f.get(gname, dtype)
+                    writer.write(hfname, unpermute_rotary(t, heads) if heads else t)
+                    if progress:
+                        progress(k + 1, len(plan), writer.written_bytes, writer.total_bytes)
+                writer.finish()
             write_config(tmp, cfg, dtype)
             if tokenizer:
                 write_tokenizer_files(md, tmp, cfg["max_position_embeddings"])
+            staged.publish()
     return Path(out_dir)
 
 

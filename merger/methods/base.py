@@ -57,6 +57,12 @@ class MergeMethod:
             noun = "model" if lo == 1 and hi == 1 else "models"
             raise ValueError(f"{cls.name} merges {want} {noun}{extra}, got {n + k}")
 
+    @classmethod
+    def check_params(cls, params: BaseModel, model_params: list[BaseModel]) -> None:
+        """Raise ValueError if these parameters (one output tensor's, already validated field by field)
+        cannot be merged, e.g. weights that sum to 0 with normalize. Called when the build is planned,
+        for every tensor, so `merger validate` reports it before any tensor is read."""
+
     def merge(self, tensors: list[torch.Tensor], base: torch.Tensor | None, params: BaseModel,
               model_params: list[BaseModel], ctx: MergeContext) -> torch.Tensor:
         """Return the merged tensor (same shape as the inputs). Inputs are already in ctx.dtype."""

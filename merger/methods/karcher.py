@@ -13,6 +13,9 @@ from merger.methods.base import MergeContext, MergeMethod
 from merger.methods.reduce import dot, norm
 
 
+MAX_ITER = 1000
+
+
 class Karcher(MergeMethod):
     name = "karcher"
     description = "Riemannian (Karcher) mean of the models' directions, scaled by their mean norm"
@@ -21,8 +24,8 @@ class Karcher(MergeMethod):
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        max_iter: int = Field(10, ge=0)
-        tol: float = Field(1e-5, gt=0)
+        max_iter: int = Field(10, ge=0, le=MAX_ITER)  # bounded: each iteration is a pass over every input
+        tol: float = Field(1e-5, gt=0, le=1)
 
     def merge(self, tensors, base, params, model_params, ctx: MergeContext) -> torch.Tensor:
         if len(tensors) == 1:

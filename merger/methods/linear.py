@@ -22,12 +22,15 @@ class Linear(MergeMethod):
         model_config = ConfigDict(extra="forbid")
         weight: float
 
+    @classmethod
+    def check_params(cls, params, model_params) -> None:
+        if params.normalize and abs(sum(p.weight for p in model_params)) < 1e-12:
+            raise ValueError("weights sum to 0 with normalize: true; change the weights or set normalize: false")
+
     def merge(self, tensors, base, params, model_params, ctx: MergeContext) -> torch.Tensor:
         weights = [p.weight for p in model_params]
         if params.normalize:
             total = sum(weights)
-            if abs(total) < 1e-12:
-                raise ValueError("weights sum to 0 with normalize: true; change the weights or set normalize: false")
             # Normalising the weights first keeps a one-model merge bit-exact (w/w == 1).
             weights = [w / total for w in weights]
         # Start from the first product rather than zeros: one pass less over a fresh tensor.

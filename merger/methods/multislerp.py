@@ -31,14 +31,17 @@ class MultiSlerp(MergeMethod):
         model_config = ConfigDict(extra="forbid")
         weight: float
 
+    @classmethod
+    def check_params(cls, params, model_params) -> None:
+        if len(model_params) > 1 and params.normalize_weights and abs(sum(p.weight for p in model_params)) < 1e-12:
+            raise ValueError("weights sum to 0 with normalize_weights: true; change the weights")
+
     def merge(self, tensors, base, params, model_params, ctx: MergeContext) -> torch.Tensor:
         if len(tensors) == 1:
             return tensors[0].clone()
         weights = [mp.weight for mp in model_params]
         if params.normalize_weights:
             total = sum(weights)
-            if abs(total) < 1e-12:
-                raise ValueError("weights sum to 0 with normalize_weights: true; change the weights")
             weights = [w / total for w in weights]
         eps = params.eps
 

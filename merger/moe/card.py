@@ -2,11 +2,9 @@
 mode, experts per token, and the recipe itself."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import yaml
 
-from merger.card import scrub
+from merger.card import recipe_block, scrub
 from merger.moe.layout import ARCH_NAMES
 from merger.moe.recipe import Expert, MoERecipe
 
@@ -50,12 +48,11 @@ def model_card(recipe: MoERecipe, recipe_text: str | None, seed: int) -> str:
         lines += _expert_lines("Shared expert (always active, sigmoid gate)", recipe.shared)
     text = recipe_text if recipe_text is not None else yaml.safe_dump(
         recipe.model_dump(exclude_none=True), sort_keys=False)
-    fence = "````" if "```" in text else "```"  # a prompt may hold a code fence
-    lines += ["## Recipe", "", fence + "yaml", text.rstrip("\n"), fence, ""]
+    lines += ["## Recipe", "", *recipe_block(text), ""]
     return "\n".join(lines)
 
 
-def write_model_card(dst: Path, recipe: MoERecipe, seed: int) -> None:
+def card_text(recipe: MoERecipe, seed: int) -> str:
+    """The card, scrubbed: local absolute paths become their last component, tokens vanish (cards get published)."""
     text = getattr(recipe, "_source_text", None)
-    # local absolute paths become their last component, tokens vanish: cards get published
-    (dst / "README.md").write_text(scrub(model_card(recipe, text, seed), recipe.model_refs() + recipe.plugins))
+    return scrub(model_card(recipe, text, seed), recipe.model_refs() + recipe.plugins)

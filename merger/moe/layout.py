@@ -7,6 +7,7 @@ from typing import Any
 
 from merger.errors import CheckpointError, RecipeError
 from merger.io.checkpoint import Checkpoint
+from merger.io.hf import config_int
 from merger.moe.recipe import MoERecipe
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -54,10 +55,10 @@ def shared_gate_name(layer: int) -> str:
 def input_type(cfg: dict[str, Any]) -> str | None:
     """'llama' / 'mistral' from config.json (model_type, else architectures), None if neither."""
     mt = cfg.get("model_type")
-    if mt in INPUT_DEFAULTS:
+    if isinstance(mt, str) and mt in INPUT_DEFAULTS:
         return mt
-    archs = cfg.get("architectures") or []
-    return INPUT_TYPES.get(archs[0]) if archs else None
+    archs = cfg.get("architectures")
+    return INPUT_TYPES.get(archs[0]) if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
 
 
 @dataclass
@@ -74,14 +75,15 @@ def check_inputs(recipe: MoERecipe, ckpts: dict[str, Checkpoint], label: str) ->
     base = ckpts[recipe.base_model]
     mt = input_type(base.config)
     if mt is None:
-        found = base.config.get("model_type") or (base.config.get("architectures") or ["?"])[0]
+        found = base.config.get("model_type") or base.config.get("architectures") or "?"
         raise RecipeError(f"{label}: base_model: {recipe.base_model!r} is a {found!r} model; clown-car MoE "
                           f"composes Llama or Mistral models")
     for key in ("attention_bias", "mlp_bias"):
         if base.config.get(key):
             raise RecipeError(f"{label}: base_model: {recipe.base_model!r} has {key}: true, but "
                               f"{ARCH_NAMES[recipe.output_architecture]} has no such biases; use a base without them")
-    n_layers, hidden = base.num_layers, int(base.config.get("hidden_size", 0))
+    n_layers = base.num_layers
+    hidden = config_int(base.config, "hidden_size", base.path / "config.json", minimum=1)
     for name in ("model.embed_tokens.weight", "model.norm.weight"):
         if not base.has(name):
             raise CheckpointError(f"model {recipe.base_model!r}: has no tensor {name!r}; is it a Llama/Mistral "
@@ -97,7 +99,7 @@ def check_inputs(recipe: MoERecipe, ckpts: dict[str, Checkpoint], label: str) ->
                 raise RecipeError(f"{where}: {e.source_model!r} is a {ck.config.get('model_type')!r} model but "
                                   f"base_model is {mt!r}; every expert must share the base's architecture")
             for key, want in (("num_hidden_layers", n_layers), ("hidden_size", hidden)):
-                if int(ck.config.get(key, -1)) != want:
+                if config_int(ck.config, key, ck.path / "config.json", minimum=1) != want:
                     raise RecipeError(f"{where}: {e.source_model!r} has {key} {ck.config.get(key)} but base_model "
                                       f"has {want}; experts must match the base's shape")
             if ck.config.get("mlp_bias"):
@@ -130,7 +132,7 @@ def effective_config(cfg: dict[str, Any], model_type: str) -> dict[str, Any]:
     out = dict(INPUT_DEFAULTS[model_type])
     out.update({k: v for k, v in cfg.items() if v is not None or k == "sliding_window"})
     if out.get("num_key_value_heads") is None:
-        out["num_key_value_heads"] = out["num_attention_heads"]
+        out["num_key_value_heads"] = out.get("num_attention_heads")
     if isinstance(out.get("rope_parameters"), dict):
         out["rope_parameters"] = {"rope_theta": DEFAULT_ROPE_THETA, **out["rope_parameters"]}
     elif "rope_theta" not in out:

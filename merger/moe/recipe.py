@@ -6,54 +6,44 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from merger import plugins
 from merger.errors import RecipeError
-from merger.recipe import DtypeName, parse_model, unknown_name
+from merger.params import fields_of
+from merger.recipe import DtypeName, Float, Int, ModelRef, RecipeModel, parse_model, unknown_name
 
 # Output layouts we write; mergekit-moe's `architecture:` picks one by name prefix.
 ARCHITECTURES = {"mixtral": "mixtral", "qwen": "qwen2_moe", "qwen moe": "qwen2_moe", "qwen2_moe": "qwen2_moe",
                  "qwen2moe": "qwen2_moe", "qwen2-moe": "qwen2_moe"}
 
 
-class Expert(BaseModel):
+class Expert(RecipeModel):
     """One expert (or shared expert): a source model, its prompts and mergekit's two weight knobs."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    source_model: str
+    source_model: ModelRef
     positive_prompts: list[str] | None = None
     negative_prompts: list[str] | None = None
     # N(0, noise_scale²) added to each of the expert's MLP tensors (seeded by --random-seed)
-    noise_scale: float | None = Field(default=None, ge=0)
+    noise_scale: Float | None = Field(default=None, ge=0, le=1e3)
     # multiplies the expert's down projection, i.e. scales its contribution to the residual stream
-    residual_scale: float | None = None
-
-    @field_validator("source_model")
-    @classmethod
-    def _ref(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("source_model is empty; give a model folder or Hub id")
-        return v
+    residual_scale: Float | None = Field(default=None, ge=-1e3, le=1e3)
 
 
-class MoERecipe(BaseModel):
+class MoERecipe(RecipeModel):
     """A mergekit-moe recipe: base_model donates everything but the MLPs; experts donate MLPs."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    base_model: str
+    base_model: ModelRef
     experts: list[Expert]
     gate_mode: str = "hidden"
     gate_parameters: dict[str, Any] = Field(default_factory=dict)
-    experts_per_token: int = 2
+    experts_per_token: Int = 2
     shared_experts: list[Expert] | None = None
     architecture: str | None = None
     # mergekit-moe's `dtype` is the output dtype; out_dtype (mergekit's merge key) overrides it
     dtype: DtypeName | None = None
     out_dtype: DtypeName | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: ModelRef | None = None
     name: str | None = None
     plugins: list[str] = Field(default_factory=list)
 
@@ -107,6 +97,11 @@ def validate_moe_recipe(recipe: MoERecipe, path: str | Path) -> None:
     if recipe.gate_mode not in registry:
         raise unknown_name(path, "gate_mode", "gate initializer", recipe.gate_mode, registry)
     gate = registry[recipe.gate_mode]
+    fields = fields_of(gate.Params)
+    for key, value in recipe.gate_parameters.items():
+        problem = fields[key].check(value) if key in fields else None
+        if problem:
+            raise RecipeError(f"{path}: gate_parameters.{key}: {problem} (got {value!r})")
     try:
         gate.Params.model_validate(recipe.gate_parameters)
     except ValidationError as e:

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from merger.errors import CheckpointError, MergerError
-from merger.execute import RECIPE_NAME
+from merger.card import RECIPE_NAME
 from merger.io.checkpoint import Checkpoint
 
 

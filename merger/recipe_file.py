@@ -1,0 +1,135 @@
+"""Reading a recipe file: `load_recipe` reads it safely (a regular file of bounded size, UTF-8 YAML whose
+mappings have no repeated keys, bounded nesting and bounded size once aliases are expanded), loads its
+plugin files and validates it as a merge or, when it has `experts`, an MoE recipe. Errors are one
+RecipeError line naming the file (and the line, for YAML errors)."""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from merger.errors import RecipeError
+from merger.moe.recipe import load_moe_recipe
+from merger.recipe import MergeRecipe, load_recipe_plugins, parse_model, validate_merge_recipe
+
+MAX_RECIPE_BYTES = 4 * 1024 * 1024   # recipes are kilobytes; prompt lists for MoE gates stay far below this
+MAX_NODES = 200_000                  # values once YAML aliases are expanded (an alias "bomb" stops here)
+MAX_DEPTH = 64                       # nesting of lists and mappings
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML takes the last one silently)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a plain value",
+                                                    key_node.start_mark) from None
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice in one mapping (first at line "
+                            f"{seen[key].start_mark.line + 1}); keep one", key_node.start_mark)
+        seen[key] = key_node
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_text(path: str | Path, what: str = "recipe") -> str:
+    """The text of a regular file of at most MAX_RECIPE_BYTES; never blocks on a FIFO or device."""
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: {what} file not found") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise RecipeError(f"{path}: is a folder; give the {what}'s .yaml file")
+    if not stat.S_ISREG(st.st_mode):
+        raise RecipeError(f"{path}: not a regular file (a pipe or device); save the {what} to a file first")
+    if st.st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: {st.st_size / 1e6:.1f} MB is too large for a {what} "
+                          f"(limit {MAX_RECIPE_BYTES // 2**20} MiB); is it the right file?")
+    try:
+        with open(p, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from None
+
+
+def load_yaml(text: str, path: str | Path) -> Any:
+    """Parse one YAML document with the checks above."""
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: the YAML is nested too deeply; a recipe needs a few levels") from None
+    _check_size(data, path)
+    return data
+
+
+def _check_size(data: Any, path: str | Path) -> None:
+    """Count values as a consumer would see them (aliases expanded), without expanding anything."""
+    sizes: dict[int, int] = {}
+
+    def size(v: Any, depth: int) -> int:
+        if depth > MAX_DEPTH:
+            raise RecipeError(f"{path}: the YAML is nested more than {MAX_DEPTH} levels deep; "
+                              f"a recipe needs a few levels")
+        if not isinstance(v, (dict, list)):
+            return 1
+        if id(v) in sizes:
+            return sizes[id(v)]
+        items = list(v.values()) if isinstance(v, dict) else v
+        n = 1 + sum(size(x, depth + 1) for x in items)
+        if n > MAX_NODES:
+            raise RecipeError(f"{path}: the YAML expands to more than {MAX_NODES} values (through aliases?); "
+                              f"write the recipe out plainly")
+        sizes[id(v)] = n
+        return n
+
+    size(data, 0)
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], str]:
+    """(mapping, text) of a one-document recipe file."""
+    text = read_text(path)
+    data = load_yaml(text, path)
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping (merge_method:, models: ...), not "
+                          f"{type(data).__name__}")
+    return data, text
+
+
+def load_recipe(path: str | Path) -> BaseModel:
+    """Read and validate a recipe: a MergeRecipe, or an MoE recipe when it has `experts`."""
+    data, text = read_yaml(path)
+    load_recipe_plugins(data, path)
+    if "experts" in data:
+        recipe = load_moe_recipe(data, path)
+    else:
+        recipe = parse_model(MergeRecipe, data, path)
+        validate_merge_recipe(recipe, path)
+    recipe._source_text = text  # type: ignore[attr-defined]
+    recipe._source_path = str(path)  # type: ignore[attr-defined]
+    return recipe
