@@ -49,8 +49,13 @@ def recipe_refs(data: dict[str, Any]) -> list[str]:
         refs += [src.get("model") for src in (s or {}).get("sources") or [] if isinstance(src, dict)]
     for key in ("experts", "shared_experts"):
         refs += [e.get("source_model") for e in data.get(key) or [] if isinstance(e, dict)]
-    if data.get("tokenizer_source") not in (None, "base", "union"):
-        refs.append(data["tokenizer_source"])
+    tok = data.get("tokenizer") if isinstance(data.get("tokenizer"), dict) else {}
+    for source in (data.get("tokenizer_source"), tok.get("source")):
+        if source not in (None, "base", "union"):
+            refs.append(source)
+    for spec in (tok.get("tokens") or {}).values() if isinstance(tok.get("tokens"), dict) else ():
+        source = spec.get("source") if isinstance(spec, dict) else None
+        refs.append(source.get("model") if isinstance(source, dict) else source)
     refs += [p for p in data.get("plugins") or []]
     return list(dict.fromkeys(r for r in refs if isinstance(r, str) and r))
 

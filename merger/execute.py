@@ -16,7 +16,6 @@ import yaml
 
 from merger.card import RECIPE_NAME, finish_card, scrub_recipe
 from merger.errors import CheckpointError, PluginError, RecipeError
-from merger.io.hf import copy_tokenizer
 from merger.io.writer import ShardWriter, TensorSpec
 from merger.plan import BuildPlan, OutputTensor
 
@@ -86,7 +85,7 @@ def write_plan(plan: BuildPlan, dst: Path, shard_bytes: int, recipe: Any, title:
                 progress(k + 1, total, writer.written_bytes, writer.total_bytes)
         files = writer.finish()
     (dst / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
-    copy_tokenizer(plan.tokenizer_dir, dst)
+    plan.tokenizer.write(dst)
     save_recipe(dst, recipe)
     if plan.card_body is not None:
         (dst / "README.md").write_text(plan.card_body())

@@ -22,6 +22,8 @@ from merger.methods.base import MergeContext
 from merger.params import Level, fields_of, resolve
 from merger.plan import BuildPlan, OutputTensor, tensor_seed
 from merger.recipe import MergeRecipe, merge_groups
+from merger.vocab.plan import Reader, VocabPlan, chat_template_for, is_embedding
+from merger.vocab.write import TokenizerFiles
 
 
 @dataclass
@@ -39,19 +41,23 @@ def who(method: type) -> str:
 
 
 class MergeJob:
-    """Computes one output tensor: reads its inputs in the compute dtype and runs the method."""
+    """Computes one output tensor: reads its inputs in the compute dtype (through `reader` when they
+    need aligning to the output vocabulary) and runs the method."""
 
     def __init__(self, method: Any, name: str, inputs: list[tuple[Checkpoint, str]],
                  base: tuple[Checkpoint, str] | None, params: BaseModel, model_params: list[BaseModel],
-                 compute_dtype: torch.dtype, seed: int, shape: tuple[int, ...]):
+                 compute_dtype: torch.dtype, seed: int, shape: tuple[int, ...], reader: Reader | None = None):
         self.method, self.name, self.inputs, self.base = method, name, inputs, base
         self.params, self.model_params = params, model_params
-        self.compute_dtype, self.seed, self.shape = compute_dtype, seed, shape
+        self.compute_dtype, self.seed, self.shape, self.reader = compute_dtype, seed, shape, reader
 
     def __call__(self) -> torch.Tensor:
         cls = type(self.method)
-        tensors = [ck.get(n).to(self.compute_dtype) for ck, n in self.inputs]
-        base = self.base[0].get(self.base[1]).to(self.compute_dtype) if self.base else None
+        if self.reader is not None:
+            tensors, base = self.reader(self.compute_dtype)
+        else:
+            tensors = [ck.get(n).to(self.compute_dtype) for ck, n in self.inputs]
+            base = self.base[0].get(self.base[1]).to(self.compute_dtype) if self.base else None
         ctx = MergeContext(name=self.name, generator=torch.Generator().manual_seed(tensor_seed(self.seed, self.name)),
                            dtype=self.compute_dtype)
         try:
@@ -118,6 +124,7 @@ def plan_merge(recipe: MergeRecipe, ckpts: dict[str, Checkpoint], label: str = "
     compute = parse_dtype(recipe.dtype) if recipe.dtype else torch.float32
     out_dt = parse_dtype(recipe.out_dtype) if recipe.out_dtype else (parse_dtype(recipe.dtype) if recipe.dtype else None)
     base = recipe.base_model
+    template = chat_template_for(recipe, [ckpts[r].path for r in recipe.model_refs()], label)
     top = Level("parameters", recipe.parameters)
     groups = merge_groups(recipe)
     if recipe.models is not None:  # one slice over every layer of the first model
@@ -148,20 +155,26 @@ def plan_merge(recipe: MergeRecipe, ckpts: dict[str, Checkpoint], label: str = "
     method = method_cls()
     tensors: list[OutputTensor] = []
     reference = parts[0][3].model
+    vocab = VocabPlan(recipe, ckpts, reference, label) if recipe.vocab_source is not None else None
 
     def add(out_name: str, slice_level: Level, inputs: list[Source], base_src: Source | None, ref_src: Source,
             names: dict[str, str], t: float | None) -> None:
         """`names` maps a model reference to its own name for this output tensor."""
         ref_ck = ckpts[ref_src.model]
         shape = ref_ck.shape(names[ref_src.model])
+        aligned = vocab is not None and is_embedding(out_name) and len(shape) == 2
+        if aligned:
+            shape = (vocab.out.rows, shape[1])
         for src in inputs + ([base_src] if base_src else []):
             ck, tname = ckpts[src.model], names[src.model]
             if not ck.has(tname):
                 raise CheckpointError(f"model {src.model!r} has no tensor {tname!r} (needed for {out_name}); "
                                       f"are all models the same architecture?")
-            if ck.shape(tname) != shape:
+            if aligned:
+                vocab.check_rows(ck, src.model, tname)
+            if (ck.shape(tname)[1:] if aligned else ck.shape(tname)) != (shape[1:] if aligned else shape):
                 raise CheckpointError(f"shape mismatch for {out_name}: {list(ck.shape(tname))} in {src.model!r} "
-                                      f"but {list(shape)} in {ref_src.model!r}")
+                                      f"but {list(ref_ck.shape(names[ref_src.model]))} in {ref_src.model!r}")
         values, origin = resolve([slice_level, top], method_cls.Params, out_name, t)
         params = _validated(method_cls.Params, values, origin, label, out_name, method_cls, "parameters")
         model_params, origins = [], list(origin.values())
@@ -171,9 +184,13 @@ def plan_merge(recipe: MergeRecipe, ckpts: dict[str, Checkpoint], label: str = "
                                            f"{src.where}.parameters"))
             origins += origin.values()
         _check_params(method_cls, params, model_params, label, out_name, origins)
+        reader = None
+        if aligned:
+            reader = vocab.reader([(s.model, ckpts[s.model], names[s.model]) for s in inputs],
+                                  (base_src.model, ckpts[base_src.model], names[base_src.model]) if base_src else None)
         job = MergeJob(method, out_name, [(ckpts[s.model], names[s.model]) for s in inputs],
                        (ckpts[base_src.model], names[base_src.model]) if base_src else None,
-                       params, model_params, compute, seed, shape)
+                       params, model_params, compute, seed, shape, reader)
         blame = (f"{who(method_cls)} with these parameters ({', '.join(sorted(set(origins)))})" if origins
                  else who(method_cls))
         tensors.append(OutputTensor(out_name, shape, out_dt or ref_ck.dtype(names[ref_src.model]), job,
@@ -205,12 +222,20 @@ def plan_merge(recipe: MergeRecipe, ckpts: dict[str, Checkpoint], label: str = "
     non_layer(parts[-1], pre=False)
 
     ref_cfg = ckpts[reference].config
-    tok = recipe.tokenizer_source
-    tokenizer_ref = reference if tok in (None, "base") else tok
-    config = output_config(ref_cfg, out_dt or config_dtype(ref_cfg), num_hidden_layers=out_layer)
+    updates: dict[str, Any] = {"num_hidden_layers": out_layer}
+    if vocab is not None:
+        updates["vocab_size"] = vocab.out.rows
+        source = vocab.out.source.ref
+    else:
+        source = reference
+    config = output_config(ref_cfg, out_dt or config_dtype(ref_cfg), **updates)
+    tokenizer = (vocab.tokenizer_files(template) if vocab is not None
+                 else TokenizerFiles(ckpts[source].path, None, template))
     summary = [f"{len(tensors)} tensors from {len(recipe.model_refs())} models, {out_layer} layers, "
-               f"config from {reference!r}, tokenizer from {tokenizer_ref!r}"]
-    return BuildPlan(kind="merge", tensors=tensors, config=config, tokenizer_dir=ckpts[tokenizer_ref].path,
+               f"config from {reference!r}, tokenizer from {source!r}"]
+    if vocab is not None:
+        summary.append(vocab.summary())
+    return BuildPlan(kind="merge", tensors=tensors, config=config, tokenizer=tokenizer,
                      metadata={"merger_method": method_cls.name}, summary=summary)
 
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from merger.io.checkpoint import Checkpoint
+from merger.vocab.write import TokenizerFiles
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -41,7 +41,7 @@ class BuildPlan:
     kind: str                                  # "merge" or "moe"
     tensors: list[OutputTensor]
     config: dict[str, Any]                     # config.json, dtype fields already set
-    tokenizer_dir: Path                        # the folder whose tokenizer files are copied
+    tokenizer: TokenizerFiles                  # the tokenizer files: a model's, maybe edited (vocabulary, template)
     metadata: dict[str, str]                   # the shards' safetensors __metadata__
     card_body: Callable[[], str] | None = None  # None: the merge card, written from the recipe
     prepare: list[Callable[[], None]] = field(default_factory=list)  # run before the first tensor (MoE gates)

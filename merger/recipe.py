@@ -4,7 +4,7 @@ validation of names and values against the plugin registries before any model is
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
@@ -77,6 +77,61 @@ class SliceSpec(RecipeModel):
         return self
 
 
+class ModelTokenSource(RecipeModel):
+    """A token's row taken from another token of one model: `{kind: model_token, model, token | token_id}`."""
+
+    kind: Literal["model_token"]
+    model: ModelRef
+    token: str | None = None
+    token_id: Int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelTokenSource:
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of `token` and `token_id`")
+        return self
+
+
+class ZeroSource(RecipeModel):
+    """A token's row is all zeros: `{kind: zero}`."""
+
+    kind: Literal["zero"]
+
+
+class TokenSpec(RecipeModel):
+    """Where one output token's embedding comes from (`tokenizer.tokens.<token>`); with `force`, for
+    every input, even one that has the token itself."""
+
+    source: ModelRef | ModelTokenSource | ZeroSource | None = None
+    force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _kind(cls, v: Any) -> Any:
+        """One clear error instead of pydantic's per-member union errors."""
+        if v is None or isinstance(v, str):
+            return v if v is None else _check_reference(v)
+        if isinstance(v, dict):
+            kinds = {"model_token": ModelTokenSource, "zero": ZeroSource}
+            if v.get("kind") not in kinds:
+                raise ValueError(f"`kind` must be model_token or zero, got {v.get('kind')!r}")
+            try:
+                return kinds[v["kind"]].model_validate(v)
+            except ValidationError as e:
+                err = e.errors()[0]
+                msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+                raise ValueError(f"{format_loc(err['loc'])}: {msg}" if err["loc"] else msg) from None
+        raise ValueError("give a model reference, {kind: model_token, model, token | token_id} or {kind: zero}")
+
+
+class TokenizerSpec(RecipeModel):
+    """mergekit's `tokenizer:` block."""
+
+    source: ModelRef = "union"
+    tokens: dict[str, TokenSpec] | None = None
+    pad_to_multiple_of: Int | None = Field(default=None, ge=1, le=65536)
+
+
 class MergeRecipe(RecipeModel):
     """A mergekit-style merge recipe: `models` or `slices`, one merge_method."""
 
@@ -87,19 +142,17 @@ class MergeRecipe(RecipeModel):
     parameters: ParamMap = Field(default_factory=dict)
     dtype: DtypeName | None = None
     out_dtype: DtypeName | None = None
-    tokenizer_source: ModelRef | None = None
+    tokenizer_source: ModelRef | None = None   # base, union or a model reference
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None           # auto, a built-in name, or a Jinja template
     name: str | None = None
     plugins: list[str] = Field(default_factory=list)
 
-    @field_validator("tokenizer_source")
-    @classmethod
-    def _tokenizer(cls, v: str | None) -> str | None:
-        if v == "union":
-            raise ValueError("`union` (merging vocabularies) is not supported; use `base` or a model reference")
-        return v
-
     @model_validator(mode="after")
     def _models_or_slices(self) -> MergeRecipe:
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give `tokenizer_source` or a `tokenizer:` block, not both (tokenizer.source "
+                             "takes the same values)")
         if (self.models is None) == (self.slices is None):
             raise ValueError("give either `models` or `slices` (not both, not neither)")
         if self.models is not None and not self.models:
@@ -116,9 +169,21 @@ class MergeRecipe(RecipeModel):
             refs += [m.model for m in self.models]
         for s in self.slices or []:
             refs += [src.model for src in s.sources]
-        if self.tokenizer_source and self.tokenizer_source != "base":
-            refs.append(self.tokenizer_source)
+        source = self.vocab_source
+        if source not in (None, "base", "union"):
+            refs.append(source)
+        for spec in ((self.tokenizer.tokens or {}).values() if self.tokenizer else ()):
+            if isinstance(spec.source, str):
+                refs.append(spec.source)
+            elif isinstance(spec.source, ModelTokenSource):
+                refs.append(spec.source.model)
         return list(dict.fromkeys(refs))
+
+    @property
+    def vocab_source(self) -> str | None:
+        """`tokenizer_source`, or the `tokenizer:` block's source; None: the base's tokenizer as it is,
+        no alignment (mergekit's default)."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
 
     def method(self) -> type:
         return plugins.methods()[self.merge_method]

@@ -210,11 +210,6 @@ def test_validate_resolves_every_reference(tmp_path, tiny_models):
     assert built.exit_code == 1 and built.stderr == res.stderr
 
 
-def test_tokenizer_union_rejected(tmp_path, tiny_models):
-    r = lin(tiny_models["ft_a"], tokenizer_source="union")
-    assert_one_line_error(*run_build(tmp_path, r), "tokenizer_source", "union")
-
-
 def test_unreadable_output_parent(tmp_path, tiny_models):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -20,7 +20,7 @@ from merger.cli import app
 from merger.io.checkpoint import Checkpoint
 
 runner = CliRunner()
-N_RECIPES, N_CHECKPOINTS = 320, 60
+N_RECIPES, N_CHECKPOINTS = 360, 60
 
 BAD_VALUES = [None, True, False, "", "abc", -1, 0, 3, 0.5, -0.5, 1e308, float("inf"), float("-inf"), float("nan"),
               [], {}, [1, "a"], {"x": 1}, [0.2, 0.9], [{"filter": "mlp", "value": 2.0}], [{"filter": 3, "value": 1}],
@@ -48,6 +48,11 @@ def templates(m: dict[str, str]) -> list[dict]:
             {"sources": [{"model": m["ft_b"], "layer_range": [1, 4]}]}]},
         {"merge_method": "karcher", "models": [{"model": m["ft_a"]}, {"model": m["ft_b"]}],
          "parameters": {"max_iter": 5, "tol": 1e-6}},
+        {"merge_method": "linear", "base_model": m["base"], "chat_template": "chatml",
+         "models": [{"model": m["ft_a"], "parameters": {"weight": 0.5}}, {"model": m["ft_b"], "parameters": {"weight": 0.5}}],
+         "tokenizer": {"source": "union", "pad_to_multiple_of": 8, "tokens": {
+             "<s>": {"source": m["ft_a"], "force": True}, "<x>": {"source": {"kind": "zero"}},
+             "<y>": {"source": {"kind": "model_token", "model": m["base"], "token_id": 5}}}}},
         {"base_model": m["base"], "gate_mode": "random", "experts_per_token": 1,
          "experts": [{"source_model": m["ft_a"], "noise_scale": 0.01}, {"source_model": m["ft_b"]}]},
         {"base_model": m["base"], "gate_mode": "cheap_embed", "dtype": "bfloat16",

@@ -49,7 +49,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise CheckpointError(f"{tj}: cannot be read by the tokenizers library ({e})") from None
     tcfg = _read_json(path / "tokenizer_config.json")
     return Tokenizer(tok, tcfg, _read_json(path / "config.json"), _read_json(path / "generation_config.json"),
-                     _chat_template(path, tcfg))
+                     read_chat_template(path, tcfg))
 
 
 class Tokenizer:
@@ -159,7 +159,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _chat_template(path: Path, tcfg: dict[str, Any]) -> str | None:
+def read_chat_template(path: Path, tcfg: dict[str, Any] | None = None) -> str | None:
+    """A model folder's chat template, where transformers looks for it first: chat_template.jinja, then
+    tokenizer_config.json's `chat_template`, then chat_template.json (named templates: the default)."""
+    if tcfg is None:
+        tcfg = _read_json(path / "tokenizer_config.json")
     if (path / "chat_template.jinja").is_file():  # transformers >= 4.50 writes it separately
         return (path / "chat_template.jinja").read_text(encoding="utf-8")
     tpl = tcfg.get("chat_template") or _read_json(path / "chat_template.json").get("chat_template")

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from merger.engine.config import parse_config
+from merger.errors import RecipeError
 from merger.io.checkpoint import Checkpoint, split_layer
 from merger.io.dtypes import parse_dtype
 from merger.io.hf import config_dtype, output_config
@@ -20,6 +21,8 @@ from merger.moe.layout import (PROJS, check_inputs, expert_name, mlp_name, moe_c
 from merger.moe.recipe import Expert, MoERecipe
 from merger.moe.routers import compute_gates, warn_identical_experts
 from merger.plan import BuildPlan, OutputTensor, tensor_seed
+from merger.vocab.read import read_vocab
+from merger.vocab.write import TokenizerFiles
 
 
 def output_dtype(recipe: MoERecipe) -> torch.dtype | None:
@@ -69,6 +72,7 @@ def plan_moe(recipe: MoERecipe, ckpts: dict[str, Checkpoint], paths: dict[str, P
     shapes = check_inputs(recipe, ckpts, label)
     base = ckpts[recipe.base_model]
     parse_config(base.config, str(base.path / "config.json"))  # the gates (and the MoE) run on the engine
+    check_tokenizer_source(recipe, ckpts, label)
     warn_identical_experts(recipe, paths)
     arch = recipe.output_architecture
     out_dt = output_dtype(recipe)
@@ -118,10 +122,28 @@ def plan_moe(recipe: MoERecipe, ckpts: dict[str, Checkpoint], paths: dict[str, P
     config = output_config(moe_config(recipe, base.config, shapes), out_dt or config_dtype(base.config) or embed_dt)
     summary = [f"{n_exp} experts{' + 1 shared' if recipe.shared else ''}, {shapes.num_layers} layers, "
                f"gate_mode {recipe.gate_mode}, {recipe.experts_per_token} per token, layout {arch}"]
-    return BuildPlan(kind="moe", tensors=out, config=config, tokenizer_dir=paths[recipe.tokenizer_ref()],
+    return BuildPlan(kind="moe", tensors=out, config=config, tokenizer=TokenizerFiles(paths[recipe.tokenizer_ref()]),
                      metadata={"merger_moe_gate_mode": recipe.gate_mode}, prepare=[gates.prepare],
                      card_body=functools.partial(card_text, recipe, seed),
                      summary=summary)
+
+
+def check_tokenizer_source(recipe: MoERecipe, ckpts: dict[str, Checkpoint], label: str) -> None:
+    """An MoE keeps the base's embeddings, so another tokenizer must have exactly the base's vocabulary."""
+    ref = recipe.tokenizer_ref()
+    if ref == recipe.base_model:
+        return
+    base, other = (read_vocab(r, ckpts[r].path, ckpts[r].config) for r in (recipe.base_model, ref))
+    token = base.first_difference(other)
+    if token is not None:
+        what = (f"is id {base.ids[token]} in the base but {other.ids[token]} there"
+                if token in base.ids and token in other.ids
+                else "is not in the base's vocabulary" if token not in base.ids else "is missing there")
+        raise RecipeError(f"{label}: tokenizer_source: {ref!r} has another vocabulary than base_model (token "
+                          f"{token!r} {what}); the MoE keeps the base's embeddings, so use its tokenizer")
+    if base.rows != other.rows:
+        raise RecipeError(f"{label}: tokenizer_source: {ref!r} has vocab_size {other.rows}, base_model {base.rows}; "
+                          f"use the base's tokenizer")
 
 
 def _zero_qkv_biases(base: Checkpoint, layer: int, dtype: torch.dtype) -> list[OutputTensor]:
