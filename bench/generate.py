@@ -1,5 +1,7 @@
 """transformers vs merger's engine, in one process, on the same synthetic checkpoints: a dense Llama and
 a Mixtral-layout MoE made of it (each expert = the dense MLP plus seeded noise), bf16 and fp32, batch 1.
+With --family, one synthetic model of that family instead, built by transformers' own config and model
+classes (seeded random init, saved in bf16): qwen2, qwen3, qwen3_moe, gemma2, gemma3, phi3.
 
 Prints prefill and decode tokens/s of both, the ratios, end-to-end time, and the memory-bandwidth floor
 of decode (bytes of weights one token reads / a read bandwidth measured here). Decode is memory-bound in
@@ -7,6 +9,7 @@ both engines, so the end-to-end ratio depends on the mix of --prompt-tokens and 
 two engines round differently, and a random model's near-tied logits then pick different greedy tokens.
     python3 bench/generate.py                    # hidden 2048, 6 layers, 4 experts top-2, 128 + 32 tokens
     python3 bench/generate.py --hidden 1024 --intermediate 2816 --layers 8 --prompt-tokens 512
+    python3 bench/generate.py --family gemma2 --hidden 256 --intermediate 512 --layers 2 --vocab 1024
 """
 from __future__ import annotations
 
@@ -79,6 +82,41 @@ def make_models(root: Path, a: argparse.Namespace) -> dict[str, Path]:
         synth.write_tokenizer(p, 512)
         (p / "bench.json").write_text(stamp)
     return paths
+
+
+# --family -> (transformers config class, model class, config fields beyond the shared sizes)
+FAMILIES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"moe": True}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"query_pre_attn_scalar": 128, "sliding_window": 64}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"query_pre_attn_scalar": 128, "sliding_window": 64}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+}
+
+
+def make_family_model(root: Path, a: argparse.Namespace) -> dict[str, Path]:
+    """Write (or reuse) one bf16 checkpoint of --family, built by transformers' classes from a seeded init."""
+    import transformers
+
+    cfg_cls, model_cls, extra = FAMILIES[a.family]
+    extra = dict(extra)
+    sizes = dict(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
+                 num_hidden_layers=a.layers, num_attention_heads=max(1, a.hidden // 128),
+                 num_key_value_heads=max(1, a.hidden // 512), head_dim=128, max_position_embeddings=4096,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    if extra.pop("moe", False):
+        sizes.update(num_experts=a.experts, num_experts_per_tok=a.top_k, moe_intermediate_size=a.intermediate)
+    path = root / a.family
+    stamp = json.dumps([a.family, sizes, extra], sort_keys=True)
+    if (path / "bench.json").is_file() and (path / "bench.json").read_text() == stamp:
+        return {a.family: path}
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**sizes, **extra))
+    model.to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
+    synth.write_tokenizer(path, 512)
+    (path / "bench.json").write_text(stamp)
+    return {a.family: path}
 
 
 def read_bandwidth() -> float:
@@ -170,6 +208,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--models", default="dense,moe")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default=None,
+                    help="one synthetic model of this family instead of the dense Llama and its MoE")
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--hf-experts", default=None, help="transformers experts_implementation (default: its own)")
     ap.add_argument("--repeat", type=int, default=2, help="runs per engine; the fastest counts")
@@ -181,12 +221,13 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; building checkpoints in {a.workdir}")
     print(native.status())
-    paths = make_models(a.workdir, a)
+    paths = make_family_model(a.workdir, a) if a.family else make_models(a.workdir, a)
+    kinds = list(paths) if a.family else a.models.split(",")
     bw = read_bandwidth()
     print(f"measured read bandwidth: {bw / 1e9:.1f} GB/s; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores (other processes skew every figure)")
     prompt = torch.randint(3, 512, (a.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
-    for kind in a.models.split(","):
+    for kind in kinds:
         for dname in a.dtypes.split(","):
             dtype = parse_dtype(dname)
             # both engines loaded side by side and run alternately, so load from other processes

@@ -1,5 +1,12 @@
-"""User-facing errors. The CLI prints any MergerError as one line (no traceback) and exits 1."""
+"""User-facing errors and warnings. The CLI prints any MergerError as one line (no traceback) and
+exits 1; a warning is one `warning:` line on stderr and the work goes on."""
 from __future__ import annotations
+
+import sys
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 class MergerError(Exception):

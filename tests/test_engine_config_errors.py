@@ -12,10 +12,30 @@ import pytest
 from cli_checks import assert_one_line_error
 
 from merger import synth
-from merger.engine.config import parse_config, rope_inv_freq
+from merger.engine.config import SUPPORTED, parse_config, rope_inv_freq
 from merger.errors import CheckpointError
 
 NAN, INF = float("nan"), float("inf")
+
+
+_PHI3_LONGROPE = {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+_FAMILY = {  # model type -> the fields that make a llama_config() one of its family
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, use_sliding_window=True,
+                      sliding_window=8),
+    "qwen2": dict(use_sliding_window=True, sliding_window=8, max_window_layers=2),
+    "qwen3": dict(),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+    "gemma2": dict(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=8,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "gemma3_text": dict(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=8,
+                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                            "rope_theta": 1e6},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+                        layer_types=["sliding_attention", "full_attention"] * 2),
+    "phi3": dict(rope_scaling=_PHI3_LONGROPE, original_max_position_embeddings=64, sliding_window=8),
+}
+KINDS = ["llama", "mistral", *_FAMILY]
 
 
 def _base(kind: str) -> dict:
@@ -23,12 +43,11 @@ def _base(kind: str) -> dict:
     if kind in ("llama", "mistral"):
         return synth.llama_config(model_type=kind, **({"sliding_window": 8} if kind == "mistral" else {}))
     cfg = synth.llama_config()
-    if kind == "mixtral":
-        cfg.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=4,
-                   num_experts_per_tok=2)
-    else:
-        cfg.update(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], num_experts=4,
-                   num_experts_per_tok=2, moe_intermediate_size=32, use_sliding_window=True, sliding_window=8)
+    cfg.update(model_type=kind, architectures=[SUPPORTED[kind]], **_FAMILY[kind])
+    if kind.startswith("gemma"):
+        del cfg["hidden_act"], cfg["tie_word_embeddings"]  # Gemma reads hidden_activation; ties by default
+    if kind == "gemma3_text":
+        del cfg["rope_theta"]  # transformers 5 nests it in rope_parameters
     return cfg
 
 
@@ -100,6 +119,44 @@ CASES = [
     ("qwen2_moe", {"max_window_layers": -1}, "max_window_layers"),
     ("qwen2_moe", {"moe_intermediate_size": None}, "'moe_intermediate_size' is missing"),
     ("qwen2_moe", {"norm_topk_prob": "no"}, "norm_topk_prob"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported by the engine (supported: silu, "
+                                      "gelu_pytorch_tanh)"),
+    ("llama", {"hidden_act": 3}, "hidden_act must be a string"),
+    ("mixtral", {"hidden_act": "gelu_pytorch_tanh"}, "for MoE experts (only silu)"),
+    ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+     "rope type 'yarn' is not supported by the engine (supported: default, linear, llama3, longrope)"),
+    ("llama", {"rope_parameters": {"full_attention": {"rope_theta": 1e4}}}, "per-layer-type rope_parameters"),
+    ("llama", {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]},
+     "'gemma3' (model_type/architectures) is not supported by the engine; that is the multimodal Gemma 3"),
+    ("qwen2", {"max_window_layers": "all"}, "max_window_layers must be an integer >= 0"),
+    ("qwen2", {"use_sliding_window": 1}, "use_sliding_window must be true or false"),
+    ("qwen3", {"attention_bias": "no"}, "attention_bias must be true or false"),
+    ("qwen3_moe", {"num_experts": None, "num_local_experts": "4"}, "num_local_experts must be an integer >= 0"),
+    ("qwen3_moe", {"num_experts_per_tok": 9}, "num_experts_per_tok 9 must be between 1 and 4"),
+    ("qwen3_moe", {"mlp_only_layers": [4]}, "mlp_only_layers must be a list of layer indices in 0..3"),
+    ("gemma2", {"hidden_activation": "relu"}, "hidden_activation 'relu' is not supported by the engine"),
+    ("gemma2", {"query_pre_attn_scalar": 0}, "query_pre_attn_scalar must be a finite number > 0, got 0"),
+    ("gemma2", {"attn_logit_softcapping": "50"}, "attn_logit_softcapping must be a finite number > 0"),
+    ("gemma2", {"final_logit_softcapping": -30.0}, "final_logit_softcapping must be a finite number > 0"),
+    ("gemma2", {"use_bidirectional_attention": True}, "use_bidirectional_attention is true"),
+    ("gemma2", {"sliding_window": 0.5}, "sliding_window must be an integer >= 0"),
+    ("gemma3_text", {"layer_types": None, "sliding_window_pattern": 0},
+     "sliding_window_pattern must be an integer >= 1"),
+    ("gemma3_text", {"rope_parameters": {"full_attention": {"rope_theta": "1e6"}, "sliding_attention": {}}},
+     "rope_parameters.full_attention.rope_theta must be a finite number > 0"),
+    ("gemma3_text", {"rope_parameters": {"full_attention": {}, "sliding_attention": {"rope_type": "dynamic"}}},
+     "rope type 'dynamic' is not supported"),
+    ("gemma3_text", {"rope_parameters": {"full_attention": {}, "chunked_attention": {}}}, "per-layer-type"),
+    ("gemma3_text", {"rope_parameters": None, "rope_local_base_freq": -1}, "rope_local_base_freq must be a finite"),
+    ("phi3", {"rope_scaling": {**_PHI3_LONGROPE, "short_factor": [1.0] * 7}},
+     "rope_scaling.short_factor must be a list of 8 numbers > 0"),
+    ("phi3", {"rope_scaling": {**_PHI3_LONGROPE, "long_factor": [1.0] * 7 + ["x"]}}, "rope_scaling.long_factor"),
+    ("phi3", {"rope_scaling": {"type": "su", "long_factor": [1.0] * 8}}, "'rope_scaling.short_factor' is missing"),
+    ("phi3", {"rope_scaling": {**_PHI3_LONGROPE, "attention_factor": 0}}, "rope_scaling.attention_factor"),
+    ("phi3", {"original_max_position_embeddings": 0}, "original_max_position_embeddings must be an integer >= 1"),
+    ("phi3", {"partial_rotary_factor": 1.5}, "partial_rotary_factor must be at most 1"),
+    # 16 * 0.3 = 4.8 -> 4 rotated dims, so the 8 factors no longer fit
+    ("phi3", {"partial_rotary_factor": 0.3}, "rope_scaling.short_factor must be a list of 2 numbers"),
 ]
 
 
@@ -123,13 +180,42 @@ def test_corrupt_field_is_a_one_line_checkpoint_error(kind, fields, needle):
     assert needle in msg, msg
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "mixtral", "qwen2_moe"])
+# each family's window rule: Qwen2-MoE odd layers below max_window_layers, Qwen2 from max_window_layers on,
+# Gemma 2 alternating (sliding first), Gemma 3 here as its layer_types say, Phi-3 and Mistral every layer
+WINDOWS = {"mistral": [8] * 4, "qwen2_moe": [8, None, 8, None], "qwen2": [None, None, 8, 8],
+           "gemma2": [8, None, 8, None], "gemma3_text": [8, None, 8, None], "phi3": [8] * 4}
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_the_valid_bases_parse(kind):
     mc = parse_config(_base(kind))
     assert (mc.num_layers, mc.hidden_size, mc.head_dim, mc.max_position_embeddings) == (4, 64, 16, 512)
     assert mc.eos_token_ids == [2] and mc.bos_token_id == 1
-    assert mc.sliding_windows == ([8] * 4 if kind == "mistral" else [None, None, None, None] if kind != "qwen2_moe"
-                                  else [8, None, 8, None])  # Qwen2-MoE's rule: odd layers below max_window_layers
+    assert mc.sliding_windows == WINDOWS.get(kind, [None] * 4)
+
+
+def test_family_fields_come_from_their_config_keys():
+    gemma2, gemma3, phi3 = (parse_config(_base(k)) for k in ("gemma2", "gemma3_text", "phi3"))
+    assert (gemma2.attn_softcap, gemma2.final_softcap, gemma2.attn_scale) == (50.0, 30.0, 16 ** -0.5)
+    assert gemma2.norm_plus_one and gemma2.sandwich_norms and gemma2.embed_scale == 8.0 and gemma2.tie_word_embeddings
+    assert gemma2.hidden_act == "gelu_pytorch_tanh" and not gemma2.qk_norm
+    # transformers' Gemma 3 never soft-caps attention; its two RoPEs come from the nested rope_parameters
+    assert gemma3.attn_softcap is None and gemma3.qk_norm and gemma3.final_softcap is None
+    assert (gemma3.rope.theta, gemma3.rope.scaling, gemma3.local_rope.theta) == (1e6, {"rope_type": "linear",
+                                                                                     "factor": 8.0}, 1e4)
+    # longrope: the top-level original context wins; attention factor sqrt(1 + ln(512/64) / ln(64))
+    assert phi3.fused_weights and phi3.rope.switch == 64
+    assert math.isclose(phi3.rope.scaling["attention_factor"], math.sqrt(1 + math.log(8) / math.log(64)))
+    partial = parse_config({**_base("phi3"), "rope_scaling": None, "partial_rotary_factor": 0.75})
+    assert partial.rope.dim == 12 and partial.head_dim == 16
+    qwen3_moe = parse_config({**_base("qwen3_moe"), "num_experts": None, "num_local_experts": 4})
+    assert qwen3_moe.num_experts == 4 and qwen3_moe.shared_expert_intermediate_size == 0 and qwen3_moe.norm_topk_prob
+    assert parse_config(_base("qwen2")).qkv_bias and not parse_config(_base("qwen2")).o_bias
+    assert not parse_config({**_base("gemma2"), "final_logit_softcapping": None}).final_softcap  # null: off
+    # an absent sliding_window is the config class's default (MistralConfig: 4096), a null one is off
+    mistral = {k: v for k, v in _base("mistral").items() if k != "sliding_window"}
+    assert parse_config(mistral).sliding_windows == [4096] * 4
+    assert parse_config({**mistral, "sliding_window": None}).sliding_windows == [None] * 4
 
 
 def test_absent_or_null_optional_fields_take_their_defaults_and_whole_floats_count():
@@ -139,12 +225,12 @@ def test_absent_or_null_optional_fields_take_their_defaults_and_whole_floats_cou
     mc = parse_config(cfg)
     assert (mc.max_position_embeddings, mc.rms_norm_eps, mc.head_dim, mc.num_kv_heads) == (4096, 1e-6, 16, 4)
     assert mc.num_layers == 4 and isinstance(mc.num_layers, int)
-    assert mc.eos_token_ids == [] and mc.bos_token_id is None and mc.rope_scaling is None
+    assert mc.eos_token_ids == [] and mc.bos_token_id is None and mc.rope.scaling is None
 
 
 def test_llama3_scaling_defaults_its_original_context_to_max_positions():
     mc = parse_config(_corrupt("llama", {"rope_scaling": _LLAMA3}))
-    assert mc.rope_scaling == {**_LLAMA3, "original_max_position_embeddings": 512}
+    assert mc.rope.scaling == {**_LLAMA3, "original_max_position_embeddings": 512}
     inv = rope_inv_freq(mc)
     assert inv.shape == (8,) and bool(inv.isfinite().all())
     # the highest frequency (wavelength 2 pi < 512 / 4) is kept, the lowest divided by the factor
@@ -155,12 +241,15 @@ def test_llama3_scaling_defaults_its_original_context_to_max_positions():
 JUNK = ["x", [], {}, -1, 0, True, 1.5, NAN, INF, [1, "a"], {"a": 1}]
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_any_junk_in_any_field_is_accepted_or_a_checkpoint_error(kind):
     """A small fuzz over every field of every base: parse_config returns or raises CheckpointError, nothing else."""
     base, raised = _base(kind), 0
     keys = [*base, "rope_scaling", "rope_parameters", "layer_types", "mlp_only_layers", "shared_expert_intermediate_size",
-            "decoder_sparse_step", "max_window_layers", "qkv_bias", "norm_topk_prob", "use_sliding_window"]
+            "decoder_sparse_step", "max_window_layers", "qkv_bias", "norm_topk_prob", "use_sliding_window",
+            "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+            "sliding_window_pattern", "rope_local_base_freq", "partial_rotary_factor", "num_local_experts",
+            "original_max_position_embeddings", "use_bidirectional_attention"]
     for key in keys:
         for junk in JUNK:
             try:

@@ -79,6 +79,9 @@ def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int,
     if max_new <= 0:
         return [], 0.0, 0.0
     gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+    # longrope (Phi-3): the first step past the switch recomputes every key with the long factors, as
+    # transformers' Phi-3 generation does, instead of extending a cache rotated with the short ones
+    refill_at = model.config.rope.switch
     # the last new token is never fed back, so the cache needs one position less
     model.setup_cache(1, len(prompt_ids) + max_new - 1)
     x = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)
@@ -97,7 +100,11 @@ def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int,
             on_token(tok)
         if tok in eos_token_ids or len(new) >= max_new:
             break
-        logits = model(torch.tensor([[tok]], device=model.device), start_pos=pos)[0, -1]
+        if pos == refill_at:
+            every = torch.tensor([list(prompt_ids) + new], device=model.device)
+            logits = model(every, start_pos=0, last_only=True)[0, -1]
+        else:
+            logits = model(torch.tensor([[tok]], device=model.device), start_pos=pos)[0, -1]
         pos += 1
     decode_s = time.perf_counter() - decode_start if len(new) > 1 else 0.0
     model.cache = None  # free the KV memory between calls

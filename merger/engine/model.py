@@ -1,6 +1,9 @@
-"""The engine's decoder-only transformer (Llama, Mistral, Mixtral, Qwen2-MoE), read top-down:
+"""The engine's decoder-only transformer, read top-down:
 load_model -> Transformer -> Block -> Attention / FeedForward / MoEFeedForward -> helpers.
 
+One model for every family config.py parses (Llama, Mistral, Mixtral, Qwen2/2.5, Qwen2-MoE, Qwen3, Qwen3-MoE,
+Gemma 2/3, Phi-3): their differences are ModelConfig fields that switch on a few named pieces here (q/k
+norms, Gemma's (1 + w) and sandwich norms, embedding scale, soft-capping, per-layer-type RoPE).
 Built on the meta device, then the checkpoint's tensors are assigned in (no second copy).
 """
 # Shapes: B = batch, T = tokens, S = key positions, H = heads, K = kv heads, Dh = head dim, D = hidden, V = vocab
@@ -13,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from merger.engine import native
-from merger.engine.config import ModelConfig, load_model_config, rope_inv_freq
+from merger.engine.config import ModelConfig, load_model_config
 from merger.engine.matmul import linear, slow_half
 from merger.engine.moe import FeedForward, MoEFeedForward
+from merger.engine.rope import RopeTable
 from merger.errors import CheckpointError, MergerError
 
 
@@ -63,11 +67,11 @@ class Transformer(nn.Module):
         self.config = cfg
         self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)  # [V, D]
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)
         # tied checkpoints get the embedding tensor itself assigned here (see weights.py)
         self.output = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)  # [V, D]
         self.cache: list[KVCache] | None = None
-        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.ropes: dict[str, RopeTable] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -78,13 +82,12 @@ class Transformer(nn.Module):
         return self.embed.device
 
     def init_rope(self, device: torch.device, length: int = 4096) -> None:
-        """cos/sin tables [P, Dh] in float32 (a plain attribute, not state); regrown on demand so a
-        128k-context config does not cost 128k rows up front."""
-        length = min(max(length, 1), self.config.max_position_embeddings)
-        pos = torch.arange(length, dtype=torch.float32)
-        freqs = torch.outer(pos, rope_inv_freq(self.config))   # [P, Dh/2]
-        emb = torch.cat([freqs, freqs], dim=-1).to(device)      # [P, Dh]: rotate-half layout
-        self.rope = (emb.cos(), emb.sin())
+        """The RoPE tables (plain attributes, not state, regrown on demand): "global", and "local" for the
+        sliding-window layers of a model that gives them their own base (Gemma 3)."""
+        cfg = self.config
+        self.ropes = {"global": RopeTable(cfg.rope, cfg.max_position_embeddings, device, length)}
+        if cfg.local_rope is not None:
+            self.ropes["local"] = RopeTable(cfg.local_rope, cfg.max_position_embeddings, device, length)
 
     def setup_cache(self, batch: int, max_len: int) -> None:
         """Preallocate every layer's K/V for `max_len` positions (prompt + new tokens)."""
@@ -118,22 +121,27 @@ class Transformer(nn.Module):
         if start + n > self.config.max_position_embeddings:
             raise ContextError(f"{start + n} tokens exceed the model's context "
                                f"(max_position_embeddings {self.config.max_position_embeddings} in config.json)")
-        if self.rope is None or self.rope[0].shape[0] < start + n:
+        if not self.ropes:
             self.init_rope(self.device, 2 * (start + n))
-        cos, sin = rope_slice(self.rope, start, n, self.dtype)       # [T, 1, Dh] each
+        ropes = {kind: table.get(start, n, self.dtype) for kind, table in self.ropes.items()}  # [T, 1, R] cos, sin
         masks = _masks(self.config.sliding_windows, start, n, input_ids.device)
         x = F.embedding(input_ids, self.embed)                        # [B, T, D]
+        if self.config.embed_scale is not None:
+            # Gemma: the factor is rounded to the model dtype first, as transformers does (sqrt(3072) is 55.5 in bf16)
+            x = x * torch.tensor(self.config.embed_scale, dtype=torch.float32).to(x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, start, masks, None if cache is None else cache[i], record)
+            x = layer(x, ropes, start, masks, None if cache is None else cache[i], record)
         if last_only:
             x = x[:, -1:]
-        return linear(self.norm(x), self.output, out_dtype=torch.float32)  # [B, T, V]
+        logits = linear(self.norm(x), self.output, out_dtype=torch.float32)  # [B, T, V]
+        return logits if self.config.final_softcap is None else softcap(logits, self.config.final_softcap)
 
     def layer_states(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """input_ids [1, T] -> {"layer_input", "mlp_input"}: float32 [L, T, D] each.
 
-        layer_input[i]: the hidden state entering layer i (i = 0: the embedding output, before any norm).
-        mlp_input[i]: layer i's post-attention RMSNorm output, what its MLP / router sees.
+        layer_input[i]: the hidden state entering layer i (i = 0: the (scaled) embedding output, before any norm).
+        mlp_input[i]: what layer i's MLP / router sees: its post-attention RMSNorm output (Gemma: the
+        pre-feedforward norm's).
         """
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"layer_states takes input_ids of shape [1, T], got {tuple(input_ids.shape)}")
@@ -143,38 +151,50 @@ class Transformer(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer: x + attn(norm(x)), then h + ffn(norm(h))."""
+    """Pre-norm decoder layer: h = x + attn(norm(x)), then h + ffn(norm(h)). With sandwich norms (Gemma 2/3)
+    each output is normed once more before it joins the residual stream."""
 
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg, cfg.sliding_windows[index])
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        window = cfg.sliding_windows[index]
+        self.rope = "local" if window is not None and cfg.local_rope is not None else "global"
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)
+        self.attn = Attention(cfg, window)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)
+        self.attn_out_norm = self.ffn_out_norm = None
+        if cfg.sandwich_norms:
+            self.attn_out_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)
+            self.ffn_out_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)
         if cfg.moe_layers[index]:
             self.ffn: nn.Module = MoEFeedForward(
                 cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k,
                 cfg.norm_topk_prob, cfg.shared_expert_intermediate_size)
         else:
-            self.ffn = FeedForward(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+            self.ffn = FeedForward(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.hidden_act)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+    def forward(self, x: torch.Tensor, ropes: dict[str, tuple[torch.Tensor, torch.Tensor]], start: int,
                 masks: dict[int | None, torch.Tensor | None], cache: KVCache | None,
                 record: dict[str, list[torch.Tensor]] | None) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
-        h = x + self.attn(self.attn_norm(x), cos, sin, start, masks, cache)
+        a = self.attn(self.attn_norm(x), *ropes[self.rope], start, masks, cache)
+        h = x + (a if self.attn_out_norm is None else self.attn_out_norm(a))
         normed = self.ffn_norm(h)
         if record is not None:
             record["layer_input"].append(x.float())
             record["mlp_input"].append(normed.float())
-        return h + self.ffn(normed)
+        f = self.ffn(normed)
+        return h + (f if self.ffn_out_norm is None else self.ffn_out_norm(f))
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with q/k/v fused into one projection, RoPE, optional sliding window."""
+    """Grouped-query attention with q/k/v fused into one projection, RoPE, optional sliding window; optional
+    per-head q/k RMSNorm before RoPE (Qwen3, Gemma 3) and soft-capped scores (Gemma 2)."""
 
     def __init__(self, cfg: ModelConfig, window: int | None):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.window = window
+        self.window, self.scale, self.softcap = window, cfg.attn_scale, cfg.attn_softcap
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one) if cfg.qk_norm else None
         qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         self.wqkv = nn.Parameter(torch.empty(qkv, cfg.hidden_size), requires_grad=False)
         self.bqkv = nn.Parameter(torch.empty(qkv), requires_grad=False) if cfg.qkv_bias else None
@@ -186,7 +206,10 @@ class Attention(nn.Module):
         bsz, n, _ = x.shape
         hd = self.head_dim
         qkv = linear(x, self.wqkv, self.bqkv).view(bsz, n, -1, hd)              # [B, T, H+2K, Dh]
-        qk = apply_rope(qkv[:, :, :self.n_heads + self.n_kv], cos, sin)       # q and k in one go
+        qk = qkv[:, :, :self.n_heads + self.n_kv]
+        if self.q_norm is not None:
+            qk = torch.cat([self.q_norm(qk[:, :, :self.n_heads]), self.k_norm(qk[:, :, self.n_heads:])], dim=2)
+        qk = apply_rope(qk, cos, sin)                                           # q and k in one go
         q = qk[:, :, :self.n_heads].transpose(1, 2)                             # [B, H, T, Dh]
         k = qk[:, :, self.n_heads:].transpose(1, 2)                             # [B, K, T, Dh]
         v = qkv[:, :, self.n_heads + self.n_kv:].transpose(1, 2)                # [B, K, T, Dh]
@@ -197,13 +220,16 @@ class Attention(nn.Module):
         if n == 1 and self.window is not None and k.shape[2] > self.window:
             # one query: the window is just the last `window` keys, no mask needed
             k, v = k[:, :, -self.window:], v[:, :, -self.window:]
+        causal = mask is None and n > 1
+        if self.softcap is not None:  # SDPA and the native kernel have no soft-capping
+            o = softcapped_attention(q, k, v, mask, causal, self.scale, self.softcap)
+            return linear(o.transpose(1, 2).reshape(bsz, n, self.n_heads * hd).to(x.dtype), self.wo, self.bo)
         kernel = native.attend_kernel(k.dtype) if n == 1 and cache is not None and k.device.type == "cpu" else None
         if kernel is not None:  # decode, one query per head: 1.2-3.8x as fast as SDPA (200-8000 keys)
-            o = native.attend(q[:, :, 0], k, v, hd ** -0.5, kernel)                 # float32 [B, H, Dh]
+            o = native.attend(q[:, :, 0], k, v, self.scale, kernel)                 # float32 [B, H, Dh]
             return linear(o.view(bsz, 1, self.n_heads * hd).to(x.dtype), self.wo, self.bo)
-        causal = mask is None and n > 1
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           scale=hd ** -0.5, enable_gqa=self.n_heads != self.n_kv)
+                                           scale=self.scale, enable_gqa=self.n_heads != self.n_kv)
         o = o.transpose(1, 2).reshape(bsz, n, self.n_heads * hd).to(x.dtype)    # [B, T, H*Dh]
         return linear(o, self.wo, self.bo)
 
@@ -223,12 +249,18 @@ class KVCache:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """RMSNorm over the last dim, scaled by weight (Llama's rounding order) or by 1 + weight (Gemma's)."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.plus_one = eps, plus_one
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plus_one:
+            # transformers' Gemma RMSNorm: normalise and scale by (1 + w) all in float32, then round once. A
+            # (1 + w) in bf16 would lose w's low bits, so this path stays off the native (same-dtype) kernel.
+            return F.rms_norm(x.float(), self.weight.shape, 1.0 + self.weight.float(), self.eps).to(x.dtype)
         kernel = native.rmsnorm_kernel(x.dtype) if x.device.type == "cpu" else None
         if kernel is not None and x.dtype == self.weight.dtype:
             return native.rmsnorm(x, self.weight, self.eps, kernel)  # the same math in one call
@@ -238,20 +270,35 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
-def rope_slice(table: tuple[torch.Tensor, torch.Tensor], start: int, n: int,
-               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sign-folded sin for positions start..start+n, [T, 1, Dh] in `dtype`, made once per forward."""
-    cos, sin = (t[start:start + n].to(dtype) for t in table)
-    half = sin.shape[-1] // 2
-    # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the negation moves onto the table
-    sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
-    return cos[:, None], sin[:, None]
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE: x [B, T, heads, Dh], cos / folded sin [T, 1, Dh] (see rope_slice)."""
-    half = x.shape[-1] // 2
+    """Rotate-half RoPE on the first R dims of each head (all of them unless the model rotates only part,
+    like Phi-4-mini): x [B, T, heads, Dh], cos / folded sin [T, 1, R] (see RopeTable.get)."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
+    half = rot // 2
     return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap): Gemma 2's bound on attention scores and final logits."""
+    return torch.tanh(x / cap) * cap
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         causal: bool, scale: float, cap: float) -> torch.Tensor:
+    """softmax(softcap(scale q.k) + mask) v in float32, in transformers' eager order: q [B, H, T, Dh], k and
+    v [B, K, S, Dh], mask [T, S] (True = may attend) -> float32 [B, H, T, Dh]."""
+    bsz, heads, n, hd = q.shape
+    kv, keys = k.shape[1], k.shape[2]
+    qg = q.float().view(bsz, kv, heads // kv, n, hd)                       # [B, K, G, T, Dh]: G heads per kv head
+    scores = softcap(qg @ k.float()[:, :, None].transpose(-1, -2) * scale, cap)  # [B, K, G, T, S]
+    if mask is None and causal:  # only a stand-alone pass from position 0 gets here, so S == T
+        mask = torch.ones(n, keys, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v.float()[:, :, None]             # [B, K, G, T, Dh]
+    return out.view(bsz, heads, n, hd)
 
 
 def _masks(windows: list[int | None], start: int, n: int,

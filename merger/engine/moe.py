@@ -1,11 +1,13 @@
 """Top-k expert routing and the two ways to run the chosen experts.
 
-`route`: router softmax in float32, top-k, optional renormalisation (Mixtral yes, Qwen2-MoE per
+`route`: router softmax in float32, top-k, optional renormalisation (Mixtral yes, Qwen2-MoE and Qwen3-MoE per
 `norm_topk_prob`). `experts_decode` (few tokens) reads only the chosen experts' weight views;
 `experts_grouped` (prefill) sorts token-slots by expert and runs one matmul pair per expert.
 Shapes: T = tokens, k = experts per token, E = experts, D = hidden, F = expert FFN width.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,8 @@ from torch import nn
 from merger.engine.matmul import linear
 
 DECODE_MAX_TOKENS = 4  # above this, sorting slots by expert beats the per-token Python loop
+# config.json's hidden_act / hidden_activation -> the gate activation (transformers' ACT2FN entries)
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,10 +77,11 @@ def experts_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 
 
 class FeedForward(nn.Module):
-    """Dense SwiGLU MLP with gate and up projections fused into one [2F, D] weight."""
+    """Dense gated MLP, act(gate) * up (SwiGLU; GeGLU for Gemma), gate and up fused into one [2F, D] weight."""
 
-    def __init__(self, dim: int, hidden: int, bias: bool = False):
+    def __init__(self, dim: int, hidden: int, bias: bool = False, act: str = "silu"):
         super().__init__()
+        self.act = ACTIVATIONS[act]
         self.w13 = nn.Parameter(torch.empty(2 * hidden, dim), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(dim, hidden), requires_grad=False)
         self.b13 = nn.Parameter(torch.empty(2 * hidden), requires_grad=False) if bias else None
@@ -84,7 +89,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., D]
         gate, up = linear(x, self.w13, self.b13).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.w2, self.b2)
+        return linear(self.act(gate) * up, self.w2, self.b2)
 
 
 class MoEFeedForward(nn.Module):

@@ -1,8 +1,11 @@
 """Checkpoint tensor names (Hugging Face layout) -> the engine's fused state dict.
 
-q/k/v become one `wqkv`, gate/up one `w13`; experts (Mixtral `block_sparse_moe.experts.{j}.w1|w2|w3`,
-Qwen2-MoE `mlp.experts.{j}.gate_proj|up_proj|down_proj`, or transformers 5's already-stacked
-`mlp.experts.gate_up_proj` / `down_proj`) are stacked into [E, 2F, D] and [E, D, F] at load.
+q/k/v become one `wqkv`, gate/up one `w13` (Phi-3 stores both fused already: qkv_proj and gate_up_proj, in
+the same row order, taken as they are); Gemma's four norms per layer map onto attn_norm / attn_out_norm /
+ffn_norm / ffn_out_norm (ffn_norm is always the one the MLP input goes through); experts (Mixtral
+`block_sparse_moe.experts.{j}.w1|w2|w3`, Qwen2-MoE / Qwen3-MoE `mlp.experts.{j}.gate_proj|up_proj|down_proj`,
+or transformers 5's already-stacked `mlp.experts.gate_up_proj` / `down_proj`) are stacked into [E, 2F, D]
+and [E, D, F] at load.
 """
 from __future__ import annotations
 
@@ -143,8 +146,19 @@ def _assemble(r: _Reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         p, o = f"model.layers.{i}.", f"layers.{i}."
         a = p + "self_attn."
         sd[o + "attn_norm.weight"] = r.get(p + "input_layernorm.weight")
-        sd[o + "ffn_norm.weight"] = r.get(p + "post_attention_layernorm.weight")
-        sd[o + "attn.wqkv"] = r.cat([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"])
+        if cfg.sandwich_norms:  # Gemma: post_attention_layernorm norms the attention output
+            sd[o + "attn_out_norm.weight"] = r.get(p + "post_attention_layernorm.weight")
+            sd[o + "ffn_norm.weight"] = r.get(p + "pre_feedforward_layernorm.weight")
+            sd[o + "ffn_out_norm.weight"] = r.get(p + "post_feedforward_layernorm.weight")
+        else:
+            sd[o + "ffn_norm.weight"] = r.get(p + "post_attention_layernorm.weight")
+        if cfg.fused_weights:
+            sd[o + "attn.wqkv"] = r.get(a + "qkv_proj.weight")
+        else:
+            sd[o + "attn.wqkv"] = r.cat([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"])
+        if cfg.qk_norm:
+            sd[o + "attn.q_norm.weight"] = r.get(a + "q_norm.weight")
+            sd[o + "attn.k_norm.weight"] = r.get(a + "k_norm.weight")
         if cfg.qkv_bias:
             sd[o + "attn.bqkv"] = r.cat([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"])
         sd[o + "attn.wo"] = r.get(a + "o_proj.weight")
@@ -152,6 +166,9 @@ def _assemble(r: _Reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             sd[o + "attn.bo"] = r.get(a + "o_proj.bias")
         if cfg.moe_layers[i]:
             sd.update(_moe(r, cfg, p, o + "ffn."))
+        elif cfg.fused_weights:
+            sd[o + "ffn.w13"] = r.get(p + "mlp.gate_up_proj.weight")
+            sd[o + "ffn.w2"] = r.get(p + "mlp.down_proj.weight")
         else:
             sd.update(_dense(r, p + "mlp.", o + "ffn.", cfg.mlp_bias))
     sd["norm.weight"] = r.get("model.norm.weight")

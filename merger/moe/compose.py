@@ -1,7 +1,7 @@
 """Clown-car composition planned as a BuildPlan: the experts' MLPs plus the base's everything-else
-become a Mixtral (or, with a shared expert, Qwen2-MoE) checkpoint. Planning checks configs and
-headers only; the router rows are computed by the gate plugin when the plan runs, before the first
-tensor is written (merger.moe.routers)."""
+become a Mixtral, Qwen2-MoE (one shared expert; Llama, Mistral or Qwen2 inputs) or Qwen3-MoE (Qwen3
+inputs) checkpoint. Planning checks configs and headers only; the router rows are computed by the gate
+plugin when the plan runs, before the first tensor is written (merger.moe.routers)."""
 from __future__ import annotations
 
 import functools
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from merger.engine.config import parse_config
 from merger.errors import RecipeError
 from merger.io.checkpoint import Checkpoint, split_layer
 from merger.io.dtypes import parse_dtype
@@ -69,12 +68,11 @@ class Gates:
 def plan_moe(recipe: MoERecipe, ckpts: dict[str, Checkpoint], paths: dict[str, Path], label: str = "recipe",
              seed: int = 0) -> BuildPlan:
     """Every output tensor of an MoE recipe, after the header-only checks of merger.moe.layout."""
-    shapes = check_inputs(recipe, ckpts, label)
+    shapes = check_inputs(recipe, ckpts, label)  # the base's config also parsed as the engine will run it
     base = ckpts[recipe.base_model]
-    parse_config(base.config, str(base.path / "config.json"))  # the gates (and the MoE) run on the engine
     check_tokenizer_source(recipe, ckpts, label)
     warn_identical_experts(recipe, paths)
-    arch = recipe.output_architecture
+    arch = shapes.layout
     out_dt = output_dtype(recipe)
     embed_dt = base.dtype("model.embed_tokens.weight")
     gate_dt = out_dt or embed_dt
@@ -97,8 +95,8 @@ def plan_moe(recipe: MoERecipe, ckpts: dict[str, Checkpoint], paths: dict[str, P
     out = [copy(n) for n in pre]
     n_exp = len(recipe.experts)
     for i in range(shapes.num_layers):
-        out += [copy(n) for n in layer_names.get(i, [])]
-        if arch == "qwen2_moe":
+        out += [copy(n) for n in layer_names.get(i, [])]  # a Qwen2 base's q/k/v biases, a Qwen3's q/k norms
+        if arch == "qwen2_moe" and not base.has(f"model.layers.{i}.self_attn.q_proj.bias"):
             out += _zero_qkv_biases(base, i, gate_dt)
         out.append(OutputTensor(router_name(arch, i), (n_exp, shapes.hidden), gate_dt,
                                 functools.partial(gates.layer, i, slice(0, n_exp)), blame=gate_blame))
@@ -124,7 +122,8 @@ def plan_moe(recipe: MoERecipe, ckpts: dict[str, Checkpoint], paths: dict[str, P
                f"gate_mode {recipe.gate_mode}, {recipe.experts_per_token} per token, layout {arch}"]
     return BuildPlan(kind="moe", tensors=out, config=config, tokenizer=TokenizerFiles(paths[recipe.tokenizer_ref()]),
                      metadata={"merger_moe_gate_mode": recipe.gate_mode}, prepare=[gates.prepare],
-                     card_body=functools.partial(card_text, recipe, seed),
+                     # the card names the layout the inputs settled on, whatever `architecture` left open
+                     card_body=functools.partial(card_text, recipe.model_copy(update={"architecture": arch}), seed),
                      summary=summary)
 
 
@@ -147,8 +146,8 @@ def check_tokenizer_source(recipe: MoERecipe, ckpts: dict[str, Checkpoint], labe
 
 
 def _zero_qkv_biases(base: Checkpoint, layer: int, dtype: torch.dtype) -> list[OutputTensor]:
-    """Qwen2-MoE's q/k/v projections carry biases; a Llama/Mistral base has none, and a zero bias
-    is exactly no bias, so the attention computes what the base's did."""
+    """Qwen2-MoE's q/k/v projections carry biases; a Llama/Mistral base has none (a Qwen2 base has its
+    own, copied as they are), and a zero bias is exactly no bias, so the attention computes what the base's did."""
     out = []
     for proj in ("q_proj", "k_proj", "v_proj"):
         rows = base.shape(f"model.layers.{layer}.self_attn.{proj}.weight")[0]

@@ -9,13 +9,28 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 
 from merger import plugins
-from merger.errors import RecipeError
+from merger.errors import RecipeError, warn
 from merger.params import fields_of
 from merger.recipe import DtypeName, Float, Int, ModelRef, RecipeModel, parse_model, unknown_name
 
-# Output layouts we write; mergekit-moe's `architecture:` picks one by name prefix.
-ARCHITECTURES = {"mixtral": "mixtral", "qwen": "qwen2_moe", "qwen moe": "qwen2_moe", "qwen2_moe": "qwen2_moe",
-                 "qwen2moe": "qwen2_moe", "qwen2-moe": "qwen2_moe"}
+# The output layouts merger writes, under the names mergekit-moe gives them and in its order of preference.
+# As in mergekit, `architecture:` names every layout whose name starts with it (case-insensitive: "qwen" is
+# both Qwen ones), and the recipe's shared_experts and the input models' type then pick one of those.
+LAYOUT_NAMES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen MoE", "qwen3_moe": "Qwen3 MoE"}
+NEEDS_SHARED = {"mixtral": False, "qwen2_moe": True, "qwen3_moe": False}  # Qwen2-MoE: exactly one shared expert
+# merger's own spellings, accepted as exact names
+ALIASES = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen2moe": "qwen2_moe", "qwen2-moe": "qwen2_moe",
+           "qwen2": "qwen2_moe", "qwen3_moe": "qwen3_moe", "qwen3moe": "qwen3_moe", "qwen3-moe": "qwen3_moe"}
+
+
+def named_layouts(architecture: str | None) -> list[str]:
+    """The layouts `architecture` names, in mergekit's order; all of them when it is unset or empty."""
+    if not architecture:
+        return list(LAYOUT_NAMES)
+    name = architecture.lower()
+    if name.strip() in ALIASES:
+        return [ALIASES[name.strip()]]
+    return [k for k, title in LAYOUT_NAMES.items() if title.lower().startswith(name)]
 
 
 class Expert(RecipeModel):
@@ -59,12 +74,16 @@ class MoERecipe(RecipeModel):
     def shared(self) -> Expert | None:
         return self.shared_experts[0] if self.shared_experts else None
 
+    def candidate_layouts(self) -> list[str]:
+        """The layouts this recipe allows before any model is opened: those `architecture` names that take its
+        shared_experts. merger.moe.layout.choose_layout picks one by the input models' type."""
+        return [k for k in named_layouts(self.architecture) if NEEDS_SHARED[k] == bool(self.shared)]
+
     @property
     def output_architecture(self) -> str:
-        """'mixtral' or 'qwen2_moe' (validated by load_moe_recipe)."""
-        if self.architecture:
-            return ARCHITECTURES[self.architecture.strip().lower()]
-        return "qwen2_moe" if self.shared else "mixtral"
+        """The first candidate layout: 'mixtral', 'qwen2_moe' or 'qwen3_moe' (validated by load_moe_recipe).
+        plan_moe hands the card a copy whose `architecture` names the layout the inputs settled on."""
+        return self.candidate_layouts()[0]
 
     def tokenizer_ref(self) -> str:
         return self.base_model if self.tokenizer_source in (None, "base") else self.tokenizer_source
@@ -129,14 +148,22 @@ def validate_moe_recipe(recipe: MoERecipe, path: str | Path) -> None:
         if e.negative_prompts and not e.positive_prompts:
             raise RecipeError(f"{path}: {where}.negative_prompts: given without positive_prompts; "
                               f"add positive_prompts for this expert")
-        if gate.needs_prompts and not e.positive_prompts:
-            raise RecipeError(f"{path}: {where}.positive_prompts: gate_mode {gate.name!r} needs at least one "
-                              f"positive prompt per expert; add some, or use gate_mode: random")
-    if gate.needs_prompts and n > 1:
-        first = _prompt_key(recipe.experts[0])
-        if all(_prompt_key(e) == first for e in recipe.experts[1:]):
-            raise RecipeError(f"{path}: experts: every expert has the same prompts, so every router row would be "
-                              f"the same; give each expert prompts for what it should handle")
+    if not gate.needs_prompts:
+        return
+    empty = [where for where, e in recipe.gate_rows() if not e.positive_prompts]
+    if len(empty) == len(recipe.gate_rows()):
+        warn(f"{path}: no expert has positive_prompts, so gate_mode {gate.name!r} gives every router row zero: "
+             f"routing is uniform until the router is trained (gate_mode: random is the usual choice for that)")
+    elif empty:
+        warn(f"{path}: {', '.join(empty)}: no positive_prompts, so the router row is zero there (that expert is "
+             f"chosen only when the others score below zero) until the router is trained")
+    groups: dict[tuple, list[str]] = {}
+    for where, e in recipe.gate_rows():
+        if e.positive_prompts:
+            groups.setdefault(_prompt_key(e), []).append(where)
+    for same in (g for g in groups.values() if len(g) > 1):
+        warn(f"{path}: {' and '.join(same)} have the same prompts, so their router rows are equal: the router "
+             f"cannot tell them apart until it is trained; give each expert prompts for what it should handle")
 
 
 def _prompt_key(e: Expert) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -145,13 +172,16 @@ def _prompt_key(e: Expert) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 def _check_architecture(recipe: MoERecipe, path: str | Path) -> None:
     arch = recipe.architecture
-    if arch is not None and arch.strip().lower() not in ARCHITECTURES:
-        raise RecipeError(f"{path}: architecture: {arch!r} is not an output merger writes; use mixtral "
-                          f"(no shared expert) or qwen (Qwen2-MoE, one shared expert)")
-    out = recipe.output_architecture
-    if out == "mixtral" and recipe.shared:
-        raise RecipeError(f"{path}: shared_experts: Mixtral has no shared expert; remove shared_experts or set "
+    named = named_layouts(arch)
+    if not named:
+        other = " (mergekit's DeepSeek MoE is not one)" if arch and "deepseek moe".startswith(arch.lower()) else ""
+        raise RecipeError(f"{path}: architecture: {arch!r} is not an output merger writes{other}; use mixtral "
+                          f"(no shared expert), qwen (Qwen2-MoE, one shared expert) or qwen3 (Qwen3-MoE, none)")
+    if recipe.candidate_layouts():
+        return
+    titles = " / ".join(LAYOUT_NAMES[k] for k in named)
+    if recipe.shared:
+        raise RecipeError(f"{path}: shared_experts: {titles} has no shared expert; remove shared_experts or set "
                           f"architecture: qwen")
-    if out == "qwen2_moe" and not recipe.shared:
-        raise RecipeError(f"{path}: architecture: qwen (Qwen2-MoE) needs exactly one entry in shared_experts; "
-                          f"add one or use architecture: mixtral")
+    raise RecipeError(f"{path}: architecture: {arch!r} ({titles}) needs exactly one entry in shared_experts; "
+                      f"add one or use architecture: mixtral")

@@ -2,13 +2,12 @@
 (shape, dtype, finite values) and warns when two experts get rows the router cannot tell apart."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
 from merger import plugins
-from merger.errors import MergerError, PluginError, RecipeError
+from merger.errors import MergerError, PluginError, RecipeError, warn
 from merger.io.checkpoint import Checkpoint
 from merger.moe.base import ExpertPrompts, GateContext
 from merger.moe.recipe import MoERecipe
@@ -16,16 +15,18 @@ from merger.moe.recipe import MoERecipe
 SIMILAR_COS = 0.999  # router rows this close route alike: the experts would be chosen together
 
 
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def compute_gates(recipe: MoERecipe, ckpts: dict[str, Checkpoint], base_path: Path, num_layers: int,
                   hidden: int, seed: int) -> torch.Tensor:
     """Router rows (layers, experts [+ shared], hidden) in float32 from the recipe's gate plugin."""
     cls = plugins.gate_initializers()[recipe.gate_mode]
     who = f"gate initializer {cls.name!r} (plugin {getattr(cls, '_merger_plugin', '?')!r})"
-    members = recipe.gate_rows()
+    every = recipe.gate_rows()
+    # experts without prompts (allowed with a warning) get a zero row: the plugin sees the others only
+    keep = [j for j, (_, e) in enumerate(every) if e.positive_prompts or not cls.needs_prompts]
+    out = torch.zeros(num_layers, len(every), hidden)
+    if not keep:
+        return out
+    members = [every[j] for j in keep]
     rows = [ExpertPrompts(where, tuple(e.positive_prompts or ()), tuple(e.negative_prompts or ()))
             for where, e in members]
     base = ckpts[recipe.base_model]
@@ -38,7 +39,7 @@ def compute_gates(recipe: MoERecipe, ckpts: dict[str, Checkpoint], base_path: Pa
                       params=cls.Params.model_validate(recipe.gate_parameters), base_path=base_path,
                       embed_reader=lambda: base.get("model.embed_tokens.weight"), weight_reader=read_weight)
     try:
-        out = cls().init_gates(ctx)
+        got = cls().init_gates(ctx)
     except MergerError:
         raise
     except ValueError as e:
@@ -48,14 +49,15 @@ def compute_gates(recipe: MoERecipe, ckpts: dict[str, Checkpoint], base_path: Pa
     finally:
         ctx.release()
     want = (num_layers, len(rows), hidden)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
-        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise PluginError(f"{who} returned {got}; expected a tensor of shape {list(want)} (layers, experts, hidden)")
-    if not out.is_floating_point() or not torch.isfinite(out).all():
+    if not isinstance(got, torch.Tensor) or tuple(got.shape) != want:
+        shape = list(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        raise PluginError(f"{who} returned {shape}; expected a tensor of shape {list(want)} (layers, experts, hidden)")
+    if not got.is_floating_point() or not torch.isfinite(got).all():
         raise PluginError(f"{who} returned non-finite or non-float router weights; check the plugin")
-    out = out.float()
+    got = got.float()
     if cls.needs_prompts:
-        warn_similar_rows(out, rows)
+        warn_similar_rows(got, rows)
+    out[:, keep] = got
     return out
 
 
@@ -65,6 +67,8 @@ def warn_similar_rows(gates: torch.Tensor, rows: list[ExpertPrompts]) -> None:
     cos = unit @ unit.transpose(1, 2)  # [L, E, E]
     for a in range(len(rows)):
         for b in range(a + 1, len(rows)):
+            if (rows[a].positive, rows[a].negative) == (rows[b].positive, rows[b].negative):
+                continue  # the same prompts: warned about when the recipe loaded
             layers = (cos[:, a, b] > SIMILAR_COS).nonzero().flatten().tolist()
             if layers:
                 warn(f"{rows[a].where} and {rows[b].where} get near-identical router rows in layer(s) "

@@ -4,14 +4,13 @@ readers that hand the merge method aligned tensors, and the tokenizer files to w
 tokenizer files and configs, never tensor data."""
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from merger.engine.tokenizer import read_chat_template
-from merger.errors import RecipeError
+from merger.errors import RecipeError, warn
 from merger.io.checkpoint import Checkpoint
 from merger.recipe import MergeRecipe
 from merger.vocab.align import TokenTable
@@ -21,10 +20,6 @@ from merger.vocab.templates import TemplateChoiceError, resolve_template
 from merger.vocab.write import TokenizerFiles
 
 Reader = Callable[[torch.dtype], tuple[list[torch.Tensor], torch.Tensor | None]]
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def is_embedding(name: str) -> bool:
