@@ -1,17 +1,14 @@
-"""Benchmark `merger build` on three synthetic ~1 GB checkpoints: wall time, peak RSS, and the
-ratio of wall time to reading every input byte once (the floor, measured in the same run).
+"""Benchmark `merger build` on three synthetic float32 checkpoints against the I/O floor and, when given,
+mergekit on the same recipe, in alternating runs (medians of --repeat), each build a whole process.
 
-    python bench/merge.py --method ties --size-gb 1
-    python bench/merge.py --vocab 64000 --repeat 3   # union vs base vocabulary: peak RSS and wall, alternating
+    python bench/merge.py --methods linear,ties --repeat 3
+    python bench/merge.py --methods linear,ties --mergekit /path/to/venv/bin/mergekit-yaml
 
-With --vocab, the three models have embeddings of that many rows (the largest tensors) and
-tokenizers that differ: ft-a adds two special tokens, ft-b has its ids shuffled; a linear merge runs
-with `tokenizer_source: base` and `union` in alternating runs, and the medians are compared.
-
-Checkpoints (a Llama-layout base and perturbed copies, float32, hidden 3072) are written once
-into --workdir and reused. The merge runs as a subprocess whose own peak RSS (its rusage) is
-printed beside the expected bound: startup RSS + (inputs + 1) × the largest tensor + the shard
-buffer.
+The floor, measured in the same run: reading every input byte once (into a reused buffer, page cache
+warm, as a merge of freshly written checkpoints finds it) plus writing the output's bytes once with
+fsync. Printed per method: wall, wall / floor, wall / linear's wall, merger / mergekit, peak RSS
+against the bound (inputs + 2) x the largest tensor + 256 MB above the start-up RSS.
+The default models (--preset issue17) are hidden 2048, 12 layers, vocab 32000: 2.7 GB each.
 """
 from __future__ import annotations
 
@@ -27,10 +24,13 @@ from pathlib import Path
 
 import yaml
 
-HIDDEN, INTERMEDIATE, HEADS, KV_HEADS = 3072, 8192, 24, 8
 RUN_CLI = "import sys; from merger.cli import main; sys.argv[0] = 'merger'; main()"
+PRESETS = {
+    "issue17": {"hidden": 2048, "intermediate": 5632, "heads": 16, "kv_heads": 4, "layers": 12, "vocab": 32000},
+    "small": {"hidden": 1024, "intermediate": 2816, "heads": 16, "kv_heads": 4, "layers": 4, "vocab": 8000},
+}
 # Per-method parameters; the recipe adds weights and, for base methods, base_model.
-METHODS: dict[str, dict] = {
+METHODS: dict[str, dict | None] = {
     "linear": {}, "task_arithmetic": {}, "ties": {"density": 0.5}, "dare_ties": {"density": 0.5},
     "dare_linear": {"density": 0.5}, "breadcrumbs": {"density": 0.5}, "breadcrumbs_ties": {"density": 0.5},
     "della": {"density": 0.5, "epsilon": 0.1}, "della_linear": {"density": 0.5, "epsilon": 0.1},
@@ -40,50 +40,37 @@ METHODS: dict[str, dict] = {
 GLOBAL = {"slerp": {"t": 0.3}, "nearswap": {"t": 0.001}, "sce": {"select_topk": 0.5}}
 
 
-def layer_bytes() -> int:
-    hd = HIDDEN // HEADS
-    per = 2 * HIDDEN * HEADS * hd + 2 * HIDDEN * KV_HEADS * hd + 3 * HIDDEN * INTERMEDIATE + 2 * HIDDEN
-    return 4 * per
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
 
 
-def make_config(size_gb: float) -> dict:
-    from merger import synth
-
-    target = int(size_gb * 1e9)
-    layers = max(1, target // layer_bytes())
-    # Embeddings and lm_head fill the rest, no larger than an MLP matrix.
-    vocab = min(INTERMEDIATE, max(512, (target - layers * layer_bytes()) // (2 * 4 * HIDDEN)))
-    return synth.llama_config(hidden=HIDDEN, intermediate=INTERMEDIATE, heads=HEADS, kv_heads=KV_HEADS,
-                              layers=layers, vocab=vocab)
-
-
-def make_models(root: Path, size_gb: float) -> list[Path]:
+def make_models(root: Path, preset: str) -> list[Path]:
     """base, ft-a, ft-b under root (written once; a marker file says they are complete)."""
     from merger import synth
 
-    names = ["base", "ft-a", "ft-b"]
-    paths = [root / n for n in names]
+    paths = [root / n for n in ("base", "ft-a", "ft-b")]
     marker = root / "complete.json"
-    if marker.is_file() and json.loads(marker.read_text()) == {"size_gb": size_gb}:
+    if marker.is_file() and json.loads(marker.read_text()) == {"preset": preset}:
         return paths
     shutil.rmtree(root, ignore_errors=True)
-    cfg = make_config(size_gb)
+    cfg = synth.llama_config(**PRESETS[preset])
     base = synth.random_weights(cfg, seed=0)
     synth.write_checkpoint(paths[0], cfg, base)
     for k, p in enumerate(paths[1:], start=1):
         synth.write_checkpoint(p, cfg, synth.perturb(base, seed=k, scale=0.1))
-    marker.write_text(json.dumps({"size_gb": size_gb}))
+    marker.write_text(json.dumps({"preset": preset}))
     return paths
 
 
 def recipe(method: str, models: list[Path]) -> dict:
     base, *fts = (str(p) for p in models)
     per = METHODS[method]
-    uses_base = method != "linear" and method not in ("karcher", "multislerp")
+    uses_base = method not in ("linear", "karcher", "multislerp")
     if uses_base:
         entries = [{"model": m, "parameters": {"weight": 0.5, **per}} if per is not None else {"model": m}
                    for m in fts]
-        r = {"merge_method": method, "base_model": base, "models": entries}
+        r: dict = {"merge_method": method, "base_model": base, "models": entries}
     else:
         r = {"merge_method": method, "models": [{"model": m, "parameters": {"weight": 1 / 3}} for m in (base, *fts)]}
     if method == "karcher":
@@ -98,94 +85,6 @@ def recipe(method: str, models: list[Path]) -> dict:
     return r
 
 
-def wordlevel_tokenizer(tokens: list[str], added: list[str]) -> dict:
-    """A tokenizer.json with a plain word-level vocabulary (any size, no training) and added specials."""
-    return {"version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": [{"id": len(tokens) + k, "content": t, "single_word": False, "lstrip": False,
-                              "rstrip": False, "normalized": False, "special": True} for k, t in enumerate(added)],
-            "normalizer": None, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
-            "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(tokens)}, "unk_token": tokens[0]}}
-
-
-def make_vocab_models(root: Path, vocab: int) -> list[Path]:
-    """base, ft-a (+2 special tokens), ft-b (ids shuffled): embeddings of `vocab` rows dominate."""
-    import torch
-
-    from merger import synth
-    from merger.io.hf import write_config
-    from merger.io.writer import write_tensors
-
-    names = ["base", "ft-a", "ft-b"]
-    paths = [root / n for n in names]
-    marker = root / "complete.json"
-    if marker.is_file() and json.loads(marker.read_text()) == {"vocab": vocab}:
-        return paths
-    shutil.rmtree(root, ignore_errors=True)
-    cfg = synth.llama_config(hidden=2048, intermediate=5632, heads=16, kv_heads=8, layers=2, vocab=vocab)
-    base = synth.random_weights(cfg, seed=0)
-    tokens = ["<unk>"] + [f"t{i:06d}" for i in range(1, vocab)]
-    g = torch.Generator().manual_seed(5)
-    perm = torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(vocab - 1, generator=g) + 1])
-    for k, (p, name) in enumerate(zip(paths, names)):
-        w = base if k == 0 else synth.perturb(base, seed=k, scale=0.1)
-        c = dict(cfg)
-        toks, added = list(tokens), []
-        if name == "ft-a":
-            added = ["<|im_start|>", "<|im_end|>"]
-            for key in ("model.embed_tokens.weight", "lm_head.weight"):
-                w[key] = torch.cat([w[key], torch.randn(2, w[key].shape[1], generator=g)])
-            c["vocab_size"] = vocab + 2
-        if name == "ft-b":
-            toks = [tokens[int(i)] for i in torch.argsort(perm)]  # token at new id perm[i] is tokens[i]
-            for key in ("model.embed_tokens.weight", "lm_head.weight"):
-                moved = torch.empty_like(w[key])
-                moved[perm] = w[key]
-                w[key] = moved
-        p.mkdir(parents=True)
-        write_tensors(p, w)
-        write_config(p, c)
-        (p / "tokenizer.json").write_text(json.dumps(wordlevel_tokenizer(toks, added)))
-        (p / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-    marker.write_text(json.dumps({"vocab": vocab}))
-    return paths
-
-
-def median(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
-
-
-def vocab_bench(args: argparse.Namespace) -> None:
-    """Union against base vocabulary on the same linear merge: peak RSS and wall, alternating runs."""
-    root = args.workdir / f"models-vocab-{args.vocab}"
-    subprocess.run([sys.executable, __file__, "--make-models", "--vocab", str(args.vocab), "--workdir",
-                    str(args.workdir)], check=True)
-    models = [root / n for n in ("base", "ft-a", "ft-b")]
-    log = args.workdir / "build.log"
-    results: dict[str, list[tuple[int, float]]] = {"base": [], "union": []}
-    for _ in range(args.repeat):
-        for source in ("base", "union"):
-            r = {"merge_method": "linear", "base_model": str(models[0]), "tokenizer_source": source, "dtype": "float32",
-                 "models": [{"model": str(m), "parameters": {"weight": 1 / 3}} for m in models]}
-            path = args.workdir / f"vocab-{source}.yaml"
-            path.write_text(yaml.safe_dump(r, sort_keys=False))
-            out = args.workdir / f"out-vocab-{source}"
-            shutil.rmtree(out, ignore_errors=True)
-            rc, peak_kb, wall = run_measured([sys.executable, "-c", RUN_CLI, "build", str(path), str(out), "-q"], log)
-            if rc != 0:
-                sys.exit(f"merger build failed: {log.read_text().strip()}")
-            results[source].append((peak_kb, wall))
-            shutil.rmtree(out, ignore_errors=True)
-    embed = args.vocab * 2048 * 4
-    print(f"machine: {os.cpu_count()} CPUs; linear merge of 3 models, embeddings {args.vocab} x 2048 float32 "
-          f"({embed / 1e6:.0f} MB each, the largest tensors); {args.repeat} alternating runs, medians")
-    rss = {k: median([p for p, _ in v]) / 1024 for k, v in results.items()}
-    wall = {k: median([w for _, w in v]) for k, v in results.items()}
-    for k in ("base", "union"):
-        print(f"tokenizer_source: {k:5s}  peak RSS {rss[k]:.0f} MB  wall {wall[k]:.2f} s")
-    print(f"union / base: peak RSS {rss['union'] / rss['base']:.3f}x (target <= 1.2x), wall {wall['union'] / wall['base']:.2f}x")
-
-
 def read_floor(files: list[Path]) -> float:
     """Seconds to read every byte of `files` once into a reused buffer."""
     buf = bytearray(16 << 20)
@@ -196,6 +95,25 @@ def read_floor(files: list[Path]) -> float:
             while fh.readinto(view):
                 pass
     return time.perf_counter() - t0
+
+
+def write_floor(folder: Path, nbytes: int) -> float:
+    """Seconds to write `nbytes` once (16 MB writes from a reused buffer) and fsync, into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = memoryview(os.urandom(1 << 20) * 16)
+    path = folder / "floor.bin"
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = nbytes
+        while left > 0:
+            left -= os.write(fd, buf[:min(left, len(buf))])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    took = time.perf_counter() - t0
+    path.unlink()
+    return took
 
 
 def largest_tensor(files: list[Path]) -> int:
@@ -218,75 +136,83 @@ def run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss, wall
+    return os.waitstatus_to_exitcode(status), usage.ru_maxrss, wall
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--method", default="linear", choices=sorted(METHODS))
-    ap.add_argument("--size-gb", type=float, default=1.0, help="size of each of the 3 input checkpoints")
+    ap.add_argument("--methods", default="linear,ties", help="comma-separated merge methods (linear first)")
+    ap.add_argument("--preset", default="issue17", choices=sorted(PRESETS))
+    ap.add_argument("--repeat", type=int, default=3, help="alternating runs per method (and per tool)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "merger-bench")
     ap.add_argument("--shard-mb", type=int, default=5000, help="merger build --out-shard-size, in MB")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads for the merge (OMP_NUM_THREADS); 0 = torch's default. On a shared, "
-                         "oversubscribed machine 1 avoids threads stalling at every op's barrier")
-    ap.add_argument("--vocab", type=int, default=0,
-                    help="compare union and base vocabularies on embeddings of this many rows (e.g. 64000)")
-    ap.add_argument("--repeat", type=int, default=3, help="with --vocab: alternating runs per variant")
+    ap.add_argument("--mergekit", type=Path, help="mergekit-yaml to run on the same recipes (its own venv)")
+    ap.add_argument("--extra", default="", help="extra arguments for merger build, e.g. '--threads 1'")
     ap.add_argument("--make-models", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.vocab:
-        if args.make_models:
-            make_vocab_models(args.workdir / f"models-vocab-{args.vocab}", args.vocab)
-        else:
-            vocab_bench(args)
-        return
-
-    root = args.workdir / f"models-{args.size_gb:g}gb"
+    root = args.workdir / f"models-{args.preset}"
     if args.make_models:
-        make_models(root, args.size_gb)
+        make_models(root, args.preset)
         return
-    # This process never imports torch and never holds tensors: a child forked from a big parent
-    # would report the parent's pages in its peak RSS. So even the checkpoints are made in a child.
-    subprocess.run([sys.executable, __file__, "--make-models", "--size-gb", str(args.size_gb),
-                    "--workdir", str(args.workdir)], check=True)
+    # This process never imports torch and never holds tensors: a child forked from a big parent would
+    # report the parent's pages in its peak RSS. So even the checkpoints are made in a child.
+    subprocess.run([sys.executable, __file__, "--make-models", "--preset", args.preset, "--workdir",
+                    str(args.workdir)], check=True)
     models = [root / n for n in ("base", "ft-a", "ft-b")]
-    weights = sorted(f for m in models for f in m.glob("*.safetensors"))
-    r = recipe(args.method, models)
-    inputs = len(r["models"]) + (1 if "base_model" in r else 0)
-    used = [f for f in weights if any(f.parent == Path(x) for x in
-                                      [e["model"] for e in r["models"]] + [r.get("base_model", "")])]
-    recipe_path = args.workdir / f"{args.method}.yaml"
-    recipe_path.write_text(yaml.safe_dump(r, sort_keys=False))
-    out = args.workdir / f"out-{args.method}"
-    shutil.rmtree(out, ignore_errors=True)
-
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.mergekit is None:
+        print("mergekit: baseline not installed (pass --mergekit PATH/TO/mergekit-yaml); skipped")
+    elif not args.mergekit.exists():
+        print(f"mergekit: baseline not installed ({args.mergekit} not found); skipped")
+        args.mergekit = None
     log = args.workdir / "build.log"
-    # Startup RSS: python + torch + merger, nothing merged.
-    _, startup_kb, _ = run_measured([sys.executable, "-c", "import merger.cli, merger.execute, torch"], log)
-    read_floor(used)  # warm the page cache, as a merge reading a freshly written checkpoint would find it
-    floor = read_floor(used)
-    rc, peak_kb, wall = run_measured([sys.executable, "-c", RUN_CLI, "build", str(recipe_path), str(out), "-q",
-                                      "--out-shard-size", f"{args.shard_mb}MB", "--random-seed", "1"], log,
-                                     env={**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None)
-    if rc != 0:
-        sys.exit(f"merger build failed: {log.read_text().strip()}")
-
-    in_bytes = sum(f.stat().st_size for f in used)
-    out_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    big = largest_tensor(used)
-    shard = min(args.shard_mb * 10**6, out_bytes)
-    bound = startup_kb * 1024 + (inputs + 1) * big + shard
-    load = os.getloadavg()[0]
-    print(f"machine: {os.cpu_count()} CPUs, load average {load:.1f}; torch threads: {args.threads or 'default'}")
-    print(f"method={args.method} inputs={inputs} x {in_bytes / inputs / 1e9:.2f} GB "
-          f"(largest tensor {big / 1e6:.0f} MB), output {out_bytes / 1e9:.2f} GB")
-    print(f"wall {wall:.2f} s | read floor {floor:.2f} s ({in_bytes / floor / 1e9:.2f} GB/s) | "
-          f"ratio {wall / floor:.1f}x")
-    print(f"peak RSS {peak_kb / 1024:.0f} MB | startup {startup_kb / 1024:.0f} MB | "
-          f"bound startup + (inputs+1) x largest + shard buffer = {bound / 2**20:.0f} MB")
-    shutil.rmtree(out, ignore_errors=True)
+    _, startup_kb, _ = run_measured([sys.executable, "-c", "import merger.cli, merger.pipeline, torch"], log)
+    runs: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    floors: dict[str, float] = {}
+    info: dict[str, tuple[int, int, int, int]] = {}
+    for rep in range(args.repeat):
+        for method in methods:
+            r = recipe(method, models)
+            used = sorted(f for m in [r.get("base_model")] + [e["model"] for e in r["models"]] if m
+                          for f in Path(m).glob("*.safetensors"))
+            path = args.workdir / f"{method}.yaml"
+            path.write_text(yaml.safe_dump(r, sort_keys=False))
+            tools = [("merger", [sys.executable, "-c", RUN_CLI, "build", str(path), str(args.workdir / "out"), "-q",
+                                 "--out-shard-size", f"{args.shard_mb}MB", *args.extra.split()])]
+            if args.mergekit:
+                tools.append(("mergekit", [str(args.mergekit), str(path), str(args.workdir / "out"),
+                                           "--lazy-unpickle", "--copy-tokenizer"]))
+            for tool, cmd in tools if rep % 2 == 0 else tools[::-1]:
+                shutil.rmtree(args.workdir / "out", ignore_errors=True)
+                read_floor(used)  # page cache warm, as after writing the checkpoints
+                rc, peak_kb, wall = run_measured(cmd, log)
+                if rc != 0:
+                    sys.exit(f"{tool} build failed: {log.read_text().strip()[-2000:]}")
+                runs.setdefault((method, tool), []).append((peak_kb, wall))
+                if tool == "merger":
+                    out_bytes = sum(f.stat().st_size for f in (args.workdir / "out").glob("*.safetensors"))
+                    info[method] = (len(used), sum(f.stat().st_size for f in used), out_bytes, largest_tensor(used))
+            shutil.rmtree(args.workdir / "out", ignore_errors=True)
+            n_in, in_bytes, out_bytes, _ = info[method]
+            floor = read_floor(used) + write_floor(args.workdir / "floor", out_bytes)
+            floors.setdefault(method, 0.0)
+            floors[method] += floor / args.repeat
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; preset {args.preset}; "
+          f"{args.repeat} alternating runs, medians; build args: {args.extra or '(none)'}")
+    lin = median([w for _, w in runs[(methods[0], "merger")]])
+    for method in methods:
+        n_in, in_bytes, out_bytes, big = info[method]
+        wall = median([w for _, w in runs[(method, "merger")]])
+        peak = median([p for p, _ in runs[(method, "merger")]]) * 1024
+        bound = startup_kb * 1024 + (n_in + 2) * big + 256 * 2**20
+        line = (f"{method:16s} {n_in} x {in_bytes / n_in / 1e9:.2f} GB -> {out_bytes / 1e9:.2f} GB | wall {wall:6.2f} s"
+                f" | floor {floors[method]:.2f} s ({wall / floors[method]:.2f}x) | vs {methods[0]} {wall / lin:.2f}x"
+                f" | peak RSS {peak / 2**20:.0f} MB (bound {bound / 2**20:.0f} MB)")
+        if (method, "mergekit") in runs:
+            mk = median([w for _, w in runs[(method, "mergekit")]])
+            mk_peak = median([p for p, _ in runs[(method, "mergekit")]]) * 1024
+            line += f" | mergekit {mk:.2f} s, {mk_peak / 2**20:.0f} MB: merger {mk / wall:.2f}x faster"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ from typing import Any
 
 from merger.errors import CheckpointError
 from merger.hookspecs import hookimpl
+from merger.methods.arcee_fusion import ArceeFusion
 from merger.methods.linear import Linear
 from merger.methods.passthrough import Passthrough
+from merger.methods.ram import Ram, RamPlusTL
 from merger.methods.karcher import Karcher
 from merger.methods.model_stock import ModelStock
 from merger.methods.multislerp import MultiSlerp
@@ -21,7 +23,8 @@ from merger.moe.gates import BUILTIN_GATES
 
 @hookimpl
 def merger_register_methods(register) -> None:
-    for cls in (Linear, *FAMILY, Slerp, NuSlerp, MultiSlerp, Karcher, ModelStock, Sce, NearSwap, Passthrough):
+    for cls in (Linear, *FAMILY, Slerp, NuSlerp, MultiSlerp, Karcher, ModelStock, Sce, NearSwap, Passthrough,
+                Ram, RamPlusTL, ArceeFusion):
         register(cls)
 
 

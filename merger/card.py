@@ -86,16 +86,20 @@ def split_front_matter(text: str) -> tuple[dict[str, Any] | None, str]:
 
 
 def hub_inputs(refs: list[str], paths: dict[str, Path] | None, base_dir: str | None) -> dict[str, str]:
-    """{reference: repo id} for the inputs that came from the Hub (not a local folder)."""
-    from merger.io.refs import meant_as_local, parse_reference
+    """{reference: repo id} for the inputs that came from the Hub (not a local folder); both parts of a
+    LoRA reference `base+adapter` count (keyed `ref` and `ref+`)."""
+    from merger.io.refs import meant_as_local, parse_reference, split_lora
 
     out = {}
     for ref in refs:
-        parsed = parse_reference(ref)
-        if parsed is None or meant_as_local(ref, base_dir) or (Path(base_dir or ".") / ref).exists():
+        if paths is not None and ref not in paths:
             continue
-        if paths is None or ref in paths:
-            out[ref] = parsed[0]
+        lora = split_lora(ref, base_dir)
+        for key, part in ((ref, lora[0]), (ref + "+", lora[1])) if lora else ((ref, ref),):
+            parsed = parse_reference(part)
+            if parsed is None or meant_as_local(part, base_dir) or (Path(base_dir or ".") / part).exists():
+                continue
+            out[key] = parsed[0]
     return out
 
 

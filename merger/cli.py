@@ -13,7 +13,16 @@ import typer
 from typer.core import TyperGroup
 
 from merger import plugins
+from merger.cli_eval import eval_cmd, search_cmd  # cli_eval never imports merger.cli: no circle
 from merger.errors import MergerError
+
+try:  # typer >= 0.20 carries its own copy of click and raises that copy's exceptions
+    from typer._click import exceptions as _typer_click
+except ImportError:  # older typer: click itself
+    _typer_click = click.exceptions
+CLICK_ERRORS = tuple({click.ClickException, _typer_click.ClickException})
+NO_ARGS = tuple({getattr(m, "NoArgsIsHelpError", None) for m in (click.exceptions, _typer_click)} - {None})
+ABORTS = tuple({click.Abort, getattr(_typer_click, "Abort", click.Abort), typer.Abort})
 from merger.listing import gate_rows, method_rows, print_table, show_registry
 
 
@@ -24,15 +33,16 @@ class OneLineErrors(TyperGroup):
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
-        except click.exceptions.NoArgsIsHelpError as e:  # bare `merger`: the help, as usual
+        except NO_ARGS as e:  # bare `merger`: the help, as usual
             typer.echo(e.format_message())
             rv = 0
-        except click.ClickException as e:
+        except CLICK_ERRORS as e:
             ctx = getattr(e, "ctx", None)
-            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            path = " ".join(["merger", *ctx.command_path.split()[1:]]) if ctx is not None else ""
+            hint = f" (see `{path} --help`)" if ctx is not None else ""
             typer.echo(f"error: {' '.join(e.format_message().split())}{hint}", err=True)
             rv = 1
-        except click.Abort:
+        except ABORTS:
             typer.echo("error: interrupted; nothing was written", err=True)
             rv = 1
         if not standalone_mode:
@@ -41,6 +51,7 @@ class OneLineErrors(TyperGroup):
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineErrors,
+                  rich_markup_mode=None,  # help texts show [brackets] as written (merger[search], [low, high])
                   help="Merge LLM checkpoints and compose them into Mixture-of-Experts models.")
 
 EndpointOpt = Annotated[Optional[str], typer.Option(
@@ -94,12 +105,15 @@ def build(
     push_to: Annotated[Optional[str], typer.Option(
         "--push-to", help="Then publish OUT_DIR to this Hub repo (org/name), like `merger publish`.")] = None,
     private: Annotated[bool, typer.Option("--private", help="With --push-to: create the repo private.")] = False,
+    intermediate_dir: Annotated[Optional[Path], typer.Option(
+        help="Multi-stage files: where the named stages are built (default: OUT_DIR.stages beside OUT_DIR); "
+             "a stage whose recipe and inputs are unchanged is reused.")] = None,
     plugin: PluginOpt = None,
 ) -> None:
-    """Build a merge (or an MoE when the recipe has `experts`) into OUT_DIR."""
-    from merger.pipeline import build_recipe
+    """Build a merge (or an MoE when the recipe has `experts`, or every stage of a multi-stage file) into OUT_DIR."""
     from merger.io.writer import parse_size
-    from merger.recipe_file import load_recipe
+    from merger.pipeline import build_recipe
+    from merger.stages import build_pipeline, load_pipeline
 
     _load_plugin_files(plugin)
     try:
@@ -113,9 +127,14 @@ def build(
     if push_to is not None:
         from merger.io.hub_publish import check_repo_id
         check_repo_id(push_to)  # a typo fails before the merge, not after
-    loaded = load_recipe(recipe)
-    out = build_recipe(loaded, out_dir, force=force, shard_bytes=shard, seed=random_seed,
-                       label=str(recipe), progress=False if quiet else None, options=options)
+    pipe = load_pipeline(recipe)
+    if len(pipe.stages) == 1:
+        out = build_recipe(pipe.final.recipe, out_dir, force=force, shard_bytes=shard, seed=random_seed,
+                           label=str(recipe), progress=False if quiet else None, options=options)
+    else:
+        out = build_pipeline(pipe, out_dir, intermediate_dir=intermediate_dir, force=force, shard_bytes=shard,
+                             seed=random_seed, options=options, progress=False if quiet else None,
+                             echo=lambda m: typer.echo(m, err=True))
     if push_to is None:
         typer.echo(f"wrote {out}", err=True)
         return
@@ -148,10 +167,20 @@ def publish(
     typer.echo(f"published {folder} to {url}", err=True)
 
 
+def _checked(recipe: Path, allow_pickle: bool, endpoint: str | None, timeout: float, plugin: list[Path] | None):
+    from merger.stages import check_pipeline, load_pipeline
+
+    _load_plugin_files(plugin)
+    pipe = load_pipeline(recipe)
+    options: dict[str, Any] = {"allow_pickle": allow_pickle, "timeout": timeout, "progress": False,
+                               **({"endpoint": endpoint} if endpoint else {})}
+    return pipe, check_pipeline(pipe, options)
+
+
 @app.command()
 @user_errors
 def validate(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")],
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (one recipe, or a multi-stage file).")],
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights.")] = False,
     endpoint: EndpointOpt = None,
     timeout: TimeoutOpt = 30.0,
@@ -159,19 +188,39 @@ def validate(
 ) -> None:
     """Check a recipe as `build` would, without reading any tensor: names, parameters at every tensor
     and layer, model counts, and the models themselves (configs and safetensors headers; Hub models
-    by their headers, without downloading weights)."""
-    from merger.pipeline import prepare
-    from merger.recipe_file import load_recipe
+    by their headers, without downloading weights); every stage of a multi-stage file."""
+    pipe, prepared = _checked(recipe, allow_pickle, endpoint, timeout, plugin)
+    if len(pipe.stages) == 1:
+        loaded = pipe.final.recipe
+        kind = getattr(loaded, "merge_method", None) or f"moe ({getattr(loaded, 'gate_mode', '?')})"
+        typer.echo(f"{recipe}: ok ({kind}): {'; '.join(prepared[0].plan.summary)}")
+        return
+    typer.echo(f"{recipe}: ok ({len(pipe.stages)} stages, built in this order)")
+    for s, p in zip(pipe.stages, prepared):
+        typer.echo(f"  {s.label}{' (final)' if s is pipe.final else ''}: {'; '.join(p.plan.summary)}")
 
-    _load_plugin_files(plugin)
-    loaded = load_recipe(recipe)
-    options: dict[str, Any] = {"allow_pickle": allow_pickle, "headers_only": True, "timeout": timeout,
-                               "progress": False, **({"endpoint": endpoint} if endpoint else {})}
-    prepared = prepare(loaded, options, label=str(recipe))
-    for ck in prepared.checkpoints.values():
-        ck.close()
-    kind = getattr(loaded, "merge_method", None) or f"moe ({getattr(loaded, 'gate_mode', '?')})"
-    typer.echo(f"{recipe}: ok ({kind}): {'; '.join(prepared.plan.summary)}")
+
+@app.command("plan")
+@user_errors
+def plan_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (one recipe, or a multi-stage file).")],
+    tensors: Annotated[bool, typer.Option("--tensors", help="List every output tensor and what it is made of.")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt weights.")] = False,
+    endpoint: EndpointOpt = None,
+    timeout: TimeoutOpt = 30.0,
+    plugin: PluginOpt = None,
+) -> None:
+    """Show what `build` would do: the stages in build order, and per stage its output tensors, layers,
+    vocabulary and sources (reads configs and headers only)."""
+    pipe, prepared = _checked(recipe, allow_pickle, endpoint, timeout, plugin)
+    for s, p in zip(pipe.stages, prepared):
+        uses = f", uses {', '.join(map(repr, s.needs))}" if s.needs else ""
+        typer.echo(f"{s.label}{' (final)' if s is pipe.final else ''}{uses}")
+        for line in p.plan.summary:
+            typer.echo(f"  {line}")
+        for t in p.plan.tensors if tensors else ():
+            src = ", ".join(f"{ck.label}:{name}" for ck, name in t.sources) or "computed"
+            typer.echo(f"    {t.name} {list(t.shape)} {str(t.dtype).removeprefix('torch.')} <- {src}")
 
 
 @app.command()
@@ -325,6 +374,10 @@ def demo(
 
     if find_smollm2() is not None:
         echo(f"SmolLM2's GGUF is installed: `merger demo --real {root}` runs this on a real model")
+
+
+app.command("eval")(user_errors(eval_cmd))
+app.command("search")(user_errors(search_cmd))
 
 
 def make_app() -> typer.Typer:

@@ -49,11 +49,8 @@ def run_demo(root: Path, recipes: Path | None = None, echo=print) -> list[Path]:
         from merger.moe.route import format_report, route_report
 
         echo(f"routing in {moe_out}:\n" + format_report(route_report(moe_out, list(ROUTE_PROMPTS))))
-        from merger.engine.generate import generate
-        from merger.engine.model import load_model
-        from merger.engine.tokenizer import load_tokenizer
+    from merger.evaluate.report import demo_table
 
-        res = generate(load_model(moe_out), load_tokenizer(moe_out), ROUTE_PROMPTS[1], max_new_tokens=24)
-        echo(f"generate (greedy, 24 tokens) from {moe_out}: {ROUTE_PROMPTS[1]!r} -> {res.text!r} "
-             f"[{res.decode_tokens_per_s:.0f} tokens/s]")
+    echo("merger eval of the inputs and the merges it built (perplexity per built-in text):\n"
+         + demo_table(root, outs, max_chars=600))
     return outs

@@ -18,6 +18,7 @@ from merger.card import RECIPE_NAME, finish_card, scrub_recipe
 from merger.errors import CheckpointError, PluginError, RecipeError
 from merger.io.writer import ShardWriter, TensorSpec
 from merger.plan import BuildPlan, OutputTensor
+from merger.stream import Budget, ReadAhead, Writer
 
 
 class Progress:
@@ -67,34 +68,71 @@ def check_finite(t: OutputTensor, value: torch.Tensor, saved: torch.Tensor) -> N
     raise cls(f"{what} produced NaN/inf in tensor {t.name} from finite inputs; check the parameters and the method")
 
 
-def write_plan(plan: BuildPlan, dst: Path, shard_bytes: int, recipe: Any, title: str,
-               paths: dict[str, Path], base_dir: str | None, progress: Progress | None = None) -> list[str]:
-    """Everything the plan describes, into the (staged) folder `dst`; returns the shard file names."""
-    specs = [TensorSpec(t.name, t.shape, t.dtype) for t in plan.tensors]
-    total = len(plan.tensors)
-    with ShardWriter(dst, specs, shard_bytes, plan.metadata) as writer:
-        for step in plan.prepare:
-            step()
-        for k, t in enumerate(plan.tensors):
+def budget_for(tensors: list[OutputTensor]) -> tuple[int, int]:
+    """(bytes in flight at most, the largest tensor): (inputs + 2) x the largest tensor read or written."""
+    largest = max([t.dtype.itemsize * math.prod(t.shape) for t in tensors] +
+                  [ck.nbytes(name) for t in tensors for ck, name in t.sources], default=1)
+    inputs = max([len(t.sources) for t in tensors], default=1)
+    return (inputs + 2) * largest, largest
+
+
+def run_tensors(tensors: list[OutputTensor], shards: ShardWriter, progress: Progress | None = None,
+                limit: int | None = None) -> None:
+    """Compute every tensor in order on this thread while merger.stream reads ahead and writes behind."""
+    bound, largest = budget_for(tensors)
+    budget = Budget(limit or bound)
+    ahead = ReadAhead([t.sources for t in tensors], budget, reserve=largest)
+    checkpoints = {id(ck): ck for t in tensors for ck, _ in t.sources if hasattr(ck, "read_into")}
+    for ck in checkpoints.values():
+        ck.read_ahead = ahead
+    writer = Writer(shards, budget)
+    ahead.start()
+    failed = True
+    try:
+        for k, t in enumerate(tensors):
+            ahead.advance(k)
+            n = t.dtype.itemsize * math.prod(t.shape)
+            budget.take(n)
             value = t.compute()
             saved = value.to(t.dtype)
             check_finite(t, value, saved)
-            writer.write(t.name, saved)
+            writer.put(t.name, saved, lambda k=k, n=n: (budget.give(n), ahead.done(k)))
             del value, saved
             if progress is not None:
-                progress(k + 1, total, writer.written_bytes, writer.total_bytes)
+                progress(k + 1, len(tensors), shards.written_bytes, shards.total_bytes)
+        failed = False
+    finally:
+        ahead.close()
+        for ck in checkpoints.values():
+            ck.read_ahead = None
+        try:
+            writer.close()
+        except BaseException:
+            if not failed:
+                raise
+
+
+def write_plan(plan: BuildPlan, dst: Path, shard_bytes: int, recipe: Any, title: str,
+               paths: dict[str, Path], base_dir: str | None, progress: Progress | None = None,
+               recipe_text: str | None = None) -> list[str]:
+    """Everything the plan describes, into the (staged) folder `dst`; returns the shard file names."""
+    specs = [TensorSpec(t.name, t.shape, t.dtype) for t in plan.tensors]
+    with ShardWriter(dst, specs, shard_bytes, plan.metadata) as writer:
+        for step in plan.prepare:
+            step()
+        run_tensors(plan.tensors, writer, progress)
         files = writer.finish()
     (dst / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
     plan.tokenizer.write(dst)
-    save_recipe(dst, recipe)
+    save_recipe(dst, recipe, recipe_text)
     if plan.card_body is not None:
         (dst / "README.md").write_text(plan.card_body())
     finish_card(dst, title, paths, base_dir)
     return files
 
 
-def save_recipe(dst: Path, recipe: Any) -> None:
-    text = getattr(recipe, "_source_text", None)
+def save_recipe(dst: Path, recipe: Any, text: str | None = None) -> None:
+    text = text if text is not None else getattr(recipe, "_source_text", None)
     if text is None:  # a recipe built in Python: typed parameter values dump in their YAML form
         text = yaml.safe_dump(recipe.model_dump(exclude_none=True, by_alias=True), sort_keys=False)
     (dst / RECIPE_NAME).write_text(scrub_recipe(text))  # no absolute paths or tokens leave the machine

@@ -18,10 +18,11 @@ from merger.errors import CheckpointError, MergerError, PluginError, RecipeError
 from merger.io.checkpoint import Checkpoint, split_layer
 from merger.io.dtypes import parse_dtype
 from merger.io.hf import config_dtype, output_config
+from merger.layer_config import layer_updates
 from merger.methods.base import MergeContext
-from merger.params import Level, fields_of, resolve
+from merger.params import Level, Scalar, fields_of, resolve
 from merger.plan import BuildPlan, OutputTensor, tensor_seed
-from merger.recipe import MergeRecipe, merge_groups
+from merger.recipe import MergeRecipe, merge_groups, method_base
 from merger.vocab.plan import Reader, VocabPlan, chat_template_for, is_embedding
 from merger.vocab.write import TokenizerFiles
 
@@ -118,12 +119,35 @@ def _check_params(method: type, params: BaseModel, model_params: list[BaseModel]
                           f"(at tensor {tensor})") from None
 
 
+def check_constant_params(recipe: MergeRecipe, label: str) -> None:
+    """Where every parameter is a plain scalar, each tensor gets the same values: run the per-tensor checks
+    (cross-field rules, the method's check_params) once when the recipe loads, before any model is opened.
+    Gradients and filters are checked per tensor by the planner."""
+    method = plugins.methods()[recipe.merge_method]
+    top = Level("parameters", recipe.parameters)
+    base = method_base(recipe, method)
+    for _where, slice_level, members in merge_groups(recipe):
+        levels = [slice_level, top] + [lvl for _l, _r, lvl in members]
+        if not all(isinstance(v, Scalar) for lvl in levels for v in lvl.params.values()):
+            continue
+        values, origin = resolve([slice_level, top], method.Params, "", None)
+        params = _validated(method.Params, values, origin, label, "every tensor", method, "parameters")
+        model_params, origins = [], list(origin.values())
+        for loc, ref, lvl in members:
+            if method.base_is_input or ref != base:
+                values, origin = resolve([lvl, slice_level, top], method.ModelParams, "", None)
+                model_params.append(_validated(method.ModelParams, values, origin, label, "every tensor", method,
+                                               f"{loc}.parameters"))
+                origins += origin.values()
+        _check_params(method, params, model_params, label, "every tensor", origins)
+
+
 def plan_merge(recipe: MergeRecipe, ckpts: dict[str, Checkpoint], label: str = "recipe", seed: int = 0) -> BuildPlan:
     """Every output tensor of a merge recipe; RecipeError/CheckpointError on any inconsistency."""
     method_cls = plugins.methods()[recipe.merge_method]
     compute = parse_dtype(recipe.dtype) if recipe.dtype else torch.float32
     out_dt = parse_dtype(recipe.out_dtype) if recipe.out_dtype else (parse_dtype(recipe.dtype) if recipe.dtype else None)
-    base = recipe.base_model
+    base = method_base(recipe, method_cls)
     template = chat_template_for(recipe, [ckpts[r].path for r in recipe.model_refs()], label)
     top = Level("parameters", recipe.parameters)
     groups = merge_groups(recipe)
@@ -154,7 +178,7 @@ def plan_merge(recipe: MergeRecipe, ckpts: dict[str, Checkpoint], label: str = "
 
     method = method_cls()
     tensors: list[OutputTensor] = []
-    reference = parts[0][3].model
+    reference = recipe.base_model or parts[0][3].model  # the config and tokenizer donor, as in mergekit
     vocab = VocabPlan(recipe, ckpts, reference, label) if recipe.vocab_source is not None else None
 
     def add(out_name: str, slice_level: Level, inputs: list[Source], base_src: Source | None, ref_src: Source,
@@ -223,6 +247,8 @@ def plan_merge(recipe: MergeRecipe, ckpts: dict[str, Checkpoint], label: str = "
 
     ref_cfg = ckpts[reference].config
     updates: dict[str, Any] = {"num_hidden_layers": out_layer}
+    if recipe.slices is not None:
+        updates.update(layer_updates(ref_cfg, [(ckpts[r.model].config, *r.layer_range) for _, _, _, r in parts]))
     if vocab is not None:
         updates["vocab_size"] = vocab.out.rows
         source = vocab.out.source.ref

@@ -3,6 +3,7 @@ validation of names and values against the plugin registries before any model is
 (merger.params) from here on. Errors carry the YAML path (`models[2].parameters.weight`)."""
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -10,7 +11,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       model_validator)
 
 from merger import plugins
-from merger.errors import PluginError, RecipeError
+from merger.errors import PluginError, RecipeError, warn
 from merger.io.dtypes import parse_dtype
 from merger.params import Level, ParamMap, ParamValue, fields_of
 
@@ -199,6 +200,39 @@ def format_loc(loc: tuple[Any, ...]) -> str:
     return out or "recipe"
 
 
+def method_parameter_keys() -> dict[str, list[str]]:
+    """Every parameter key some registered method takes -> the methods taking it."""
+    out: dict[str, list[str]] = {}
+    for name, cls in plugins.methods().items():
+        for key in set(fields_of(cls.Params)) | set(fields_of(cls.ModelParams)):
+            out.setdefault(key, []).append(name)
+    return out
+
+
+def _recipe_keys() -> set[str]:
+    """Every key of every recipe mapping (the MoE recipe's too: they derive from RecipeModel)."""
+    keys: set[str] = set()
+    todo = [RecipeModel]
+    while todo:
+        cls = todo.pop()
+        keys |= set(cls.model_fields)
+        todo += cls.__subclasses__()
+    return keys
+
+
+def unknown_field(loc: tuple[Any, ...]) -> str:
+    """The message for a key no recipe model has: where a method parameter belongs, or the near spelling."""
+    key = str(loc[-1])
+    params = method_parameter_keys()
+    if key in params:
+        parent = format_loc(loc[:-1])
+        where = "the top-level `parameters:`" if len(loc) == 1 else f"`{parent}.parameters:`"
+        return f"{key!r} is a method parameter ({', '.join(sorted(params[key])[:3])}...); put it under {where}"
+    near = difflib.get_close_matches(key, sorted(_recipe_keys() | set(params)), n=1, cutoff=0.75)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    return f"unknown field; {hint}check the spelling against mergekit's recipe format"
+
+
 def parse_model(cls: type[BaseModel], data: dict[str, Any], path: str | Path) -> BaseModel:
     try:
         return cls.model_validate(data)
@@ -207,7 +241,7 @@ def parse_model(cls: type[BaseModel], data: dict[str, Any], path: str | Path) ->
         msg = err["msg"].removeprefix("Value error, ")
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "json-"))))
         if err["type"] == "extra_forbidden":
-            msg = "unknown field; check the spelling against mergekit's recipe format"
+            msg = unknown_field(loc)
         elif err["type"] == "missing":
             msg = "required field is missing"
         elif err["type"] == "finite_number":
@@ -215,9 +249,36 @@ def parse_model(cls: type[BaseModel], data: dict[str, Any], path: str | Path) ->
         raise RecipeError(f"{path}: {format_loc(loc)}: {msg}") from None
 
 
-def load_recipe_plugins(data: dict[str, Any], path: str | Path) -> None:
+def lift_single_module(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """mergekit's multi-module form with one module (`modules: {default: {slices: ...}}`, as published
+    recipes use it) is the same recipe with that module's `slices`/`models` at the top; the module's
+    `parameters` sit between the top level's and the slices' (so they override the top level's)."""
+    modules = data.get("modules")
+    if modules is None:
+        return data
+    if not isinstance(modules, dict) or not modules:
+        raise RecipeError(f"{path}: modules: give a mapping of module names to {{slices: ...}} or {{models: ...}}")
+    if len(modules) > 1:
+        raise RecipeError(f"{path}: modules: {len(modules)} modules ({', '.join(map(str, modules))}) — merger merges "
+                          f"one module per recipe; write one recipe per module, or use top-level slices/models")
+    if "slices" in data or "models" in data:
+        raise RecipeError(f"{path}: modules: give `modules` or top-level `slices`/`models`, not both")
+    (name, module), = modules.items()
+    if not isinstance(module, dict) or set(module) - {"slices", "models", "parameters"}:
+        extra = sorted(set(module) - {"slices", "models", "parameters"}) if isinstance(module, dict) else ["?"]
+        raise RecipeError(f"{path}: modules.{name}: {extra[0]!r} is not a module field; a module has slices or "
+                          f"models, and parameters")
+    out = {k: v for k, v in data.items() if k != "modules"}
+    out.update({k: v for k, v in module.items() if k != "parameters"})
+    if module.get("parameters"):
+        out["parameters"] = {**(data.get("parameters") or {}), **module["parameters"]}
+    return out
+
+
+def load_recipe_plugins(data: dict[str, Any], path: str | Path, folder: Path | None = None) -> None:
     """Load the recipe's `plugins:` files before its names are checked against the registries;
     relative paths start from the recipe's folder, so a recipe and its plugin travel together."""
+    folder = Path(path).parent if folder is None else folder
     files = data.get("plugins")
     if files is None:
         return
@@ -226,7 +287,7 @@ def load_recipe_plugins(data: dict[str, Any], path: str | Path) -> None:
     for i, name in enumerate(files):
         try:
             file = Path(name).expanduser()
-            plugins.load_plugin_file(file if file.is_absolute() else Path(path).parent / file)
+            plugins.load_plugin_file(file if file.is_absolute() else folder / file)
         except PluginError as e:
             raise PluginError(f"{path}: plugins[{i}]: {e}") from None
         except (RuntimeError, OSError) as e:  # ~nosuchuser/x.py
@@ -261,26 +322,43 @@ def validate_merge_recipe(recipe: MergeRecipe, path: str | Path) -> None:
     method = registry[recipe.merge_method]
     gfields, mfields = fields_of(method.Params), fields_of(method.ModelParams)
 
+    others = method_parameter_keys()
+
     def check(level: Level, allow_global: bool) -> None:
-        for key, value in level.params.items():
+        for key, value in list(level.params.items()):
             loc = f"{level.where}.{key}"
             field = mfields.get(key) or (gfields.get(key) if allow_global else None)
+            if field is None and key in gfields:
+                raise RecipeError(f"{path}: {loc}: {key!r} is one value per tensor for {method.name}, not per model; "
+                                  f"put it in the top-level (or the slice's) `parameters:`")
+            if field is None and key in others:  # mergekit ignores what a method does not use: so do we, aloud
+                warn(f"{path}: {loc}: {method.name} does not use {key!r} (it is a parameter of "
+                     f"{', '.join(sorted(others[key])[:3])}); ignored")
+                del level.params[key]
+                continue
             if field is None:
                 known = sorted({f.key for f in mfields.values()} | ({f.key for f in gfields.values()} if allow_global else set()))
+                near = (difflib.get_close_matches(key, known, n=1, cutoff=0.7)
+                        or difflib.get_close_matches(key, sorted(others), n=1, cutoff=0.7))
+                hint = f"did you mean {near[0]!r}? " if near else ""
                 scope = "" if allow_global else " per model"
-                raise RecipeError(f"{path}: {loc}: {method.name} has no parameter {key!r}{scope}; "
+                raise RecipeError(f"{path}: {loc}: {method.name} has no parameter {key!r}{scope}; {hint}"
                                   f"known: {', '.join(known) or 'none'}")
             check_points(path, loc, field, value)
 
     top = Level("parameters", recipe.parameters)
     check(top, True)
-    has_base = recipe.base_model is not None
+    base = method_base(recipe, method)
+    if recipe.base_model is not None and base is None:  # mergekit ignores it there, except as the config donor
+        warn(f"{path}: base_model: {method.name} merges no base model; {recipe.base_model!r} only gives the output "
+             f"its config.json and tokenizer")
+    has_base = base is not None
     for where, slice_level, members in merge_groups(recipe):
         check(slice_level, True)
         for _loc, _ref, level in members:
             check(level, False)
-        inputs = [(loc, level) for loc, ref, level in members if method.base_is_input or ref != recipe.base_model]
-        if method.base_is_input and has_base and recipe.base_model not in [r for _, r, _ in members]:
+        inputs = [(loc, level) for loc, ref, level in members if method.base_is_input or ref != base]
+        if method.base_is_input and has_base and base not in [r for _, r, _ in members]:
             inputs.append(("base_model", Level("base_model", {})))
         try:
             method.check_models(len(inputs), has_base)
@@ -295,6 +373,13 @@ def validate_merge_recipe(recipe: MergeRecipe, path: str | Path) -> None:
         if f.required and not (f.given(recipe.parameters) or (
                 recipe.slices and all(f.given(s.parameters) for s in recipe.slices))):
             raise RecipeError(f"{path}: parameters.{f.key}: required by {method.name}")
+
+
+def method_base(recipe: MergeRecipe, method: type) -> str | None:
+    """The base model the method merges with: base_model, unless the method takes none."""
+    if method.base == "none" and not method.base_is_input:
+        return None
+    return recipe.base_model
 
 
 def check_points(path: str | Path, loc: str, field: Any, value: ParamValue) -> None:

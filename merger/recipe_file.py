@@ -13,8 +13,9 @@ import yaml
 from pydantic import BaseModel
 
 from merger.errors import RecipeError
+from merger.merge_plan import check_constant_params
 from merger.moe.recipe import load_moe_recipe
-from merger.recipe import MergeRecipe, load_recipe_plugins, parse_model, validate_merge_recipe
+from merger.recipe import MergeRecipe, lift_single_module, load_recipe_plugins, parse_model, validate_merge_recipe
 
 MAX_RECIPE_BYTES = 4 * 1024 * 1024   # recipes are kilobytes; prompt lists for MoE gates stay far below this
 MAX_NODES = 200_000                  # values once YAML aliases are expanded (an alias "bomb" stops here)
@@ -75,8 +76,18 @@ def read_text(path: str | Path, what: str = "recipe") -> str:
 
 def load_yaml(text: str, path: str | Path) -> Any:
     """Parse one YAML document with the checks above."""
+    docs = load_documents(text, path)
+    if len(docs) != 1:
+        raise RecipeError(f"{path}: holds {len(docs)} YAML documents; a multi-stage file is read with "
+                          f"merger.stages.load_pipeline (merger build and validate do that)")
+    return docs[0][0]
+
+
+def load_documents(text: str, path: str | Path) -> list[tuple[Any, str]]:
+    """(data, its own text) of every YAML document in `text` (documents are separated by `---`)."""
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        nodes = list(yaml.compose_all(text, Loader=_StrictLoader))  # noqa: S506 - a SafeLoader subclass
+        datas = list(yaml.load_all(text, Loader=_StrictLoader))  # noqa: S506
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -84,8 +95,11 @@ def load_yaml(text: str, path: str | Path) -> Any:
         raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
     except RecursionError:
         raise RecipeError(f"{path}: the YAML is nested too deeply; a recipe needs a few levels") from None
-    _check_size(data, path)
-    return data
+    docs = []
+    for node, data in zip(nodes, datas):
+        _check_size(data, path)
+        docs.append((data, text[node.start_mark.index:node.end_mark.index] if node is not None else ""))
+    return docs or [(None, "")]
 
 
 def _check_size(data: Any, path: str | Path) -> None:
@@ -122,14 +136,21 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], str]:
 
 
 def load_recipe(path: str | Path) -> BaseModel:
-    """Read and validate a recipe: a MergeRecipe, or an MoE recipe when it has `experts`."""
+    """Read and validate a one-document recipe: a MergeRecipe, or an MoE recipe when it has `experts`."""
     data, text = read_yaml(path)
-    load_recipe_plugins(data, path)
+    return recipe_from_data(data, text, path, str(path))
+
+
+def recipe_from_data(data: dict[str, Any], text: str, path: str | Path, label: str) -> BaseModel:
+    """Validate one recipe mapping; `path` is the file (plugin paths start from its folder), `label`
+    what errors name (the file, and for a multi-stage file the document)."""
+    load_recipe_plugins(data, label, Path(path).parent)
     if "experts" in data:
-        recipe = load_moe_recipe(data, path)
+        recipe = load_moe_recipe(data, label)
     else:
-        recipe = parse_model(MergeRecipe, data, path)
-        validate_merge_recipe(recipe, path)
+        recipe = parse_model(MergeRecipe, lift_single_module(data, label), label)
+        validate_merge_recipe(recipe, label)
+        check_constant_params(recipe, label)
     recipe._source_text = text  # type: ignore[attr-defined]
     recipe._source_path = str(path)  # type: ignore[attr-defined]
     return recipe

@@ -217,3 +217,28 @@ def test_unreadable_output_parent(tmp_path, tiny_models):
     path.write_text(yaml.safe_dump(lin(tiny_models["ft_a"])))
     res = runner.invoke(app, ["build", str(path), str(blocker / "out"), "-q"])
     assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "error:" in res.stderr
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["generate", "model", "hi", "-n", "abc"], ["--max-new-tokens", "valid integer", "merger generate --help"]),
+    (["build"], ["Missing argument", "merger build --help"]),
+    (["bogus"], ["No such command 'bogus'"]),
+    (["build", "r.yaml", "out", "--frobnicate"], ["No such option", "--frobnicate"]),
+    (["generate", "m", "hi", "--top-k", "1.5"], ["--top-k"]),
+])
+def test_usage_errors_are_one_line(tmp_path, args, needles):
+    """typer's own errors (it carries its own copy of click) end like every other: one line, exit 1."""
+    res = runner.invoke(app, args)
+    assert_one_line_error(res.exit_code, res.stderr, tmp_path / "out", *needles)
+
+
+def test_usage_errors_in_the_real_executable(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import sys; from merger.cli import main; sys.argv[0] = 'merger'; main()"
+    res = subprocess.run([sys.executable, "-c", code, "generate", "m", "hi", "-n", "abc"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    bare = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert bare.returncode == 0 and "Usage" in bare.stdout

@@ -19,9 +19,8 @@ def test_demo_builds_routes_and_generates(tmp_path):
     text = "\n".join(lines)
     for prompt in ROUTE_PROMPTS:
         assert repr(prompt) in text
-    assert "generate (greedy, 24 tokens)" in text and "tokens/s" in text
-    # Greedy generation is deterministic: a second run prints the same text.
+    assert "ppl prose" in text and "out/moe" in text and "models/base" in text
+    # Scoring is deterministic: a second run prints the same table.
     again: list[str] = []
     run_demo(tmp_path / "demo", recipes=recipes, echo=again.append)
-    assert [line.split(" [")[0] for line in again if line.startswith("generate")] == \
-        [line.split(" [")[0] for line in lines if line.startswith("generate")]
+    assert again[-1] == lines[-1]

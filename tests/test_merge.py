@@ -201,3 +201,36 @@ def test_tokenizer_and_recipe_copied(tmp_path, tiny_models):
     assert (out / "tokenizer.json").read_bytes() == (tiny_models["ft_b"] / "tokenizer.json").read_bytes()
     assert yaml.safe_load((out / "merger_config.yml").read_text())["merge_method"] == "linear"
     assert not [p for p in tmp_path.iterdir() if "merger-tmp" in p.name]
+
+
+def test_slices_rewrite_the_per_layer_config_keys(tmp_path):
+    """A frankenmerge of Qwen2-style configs: layer_types are taken from each slice's source layers,
+    mlp_only_layers renumbered, and a max_window_layers rule turned into explicit layer_types."""
+    import json
+
+    from merger import synth
+    from merger.layer_config import layer_updates
+
+    a = synth.make_llama(tmp_path / "a", seed=1)
+    synth.make_llama(tmp_path / "b", seed=2, base=a)
+    for name, types in (("a", ["sliding_attention", "full_attention"] * 2), ("b", ["full_attention"] * 4)):
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        cfg["layer_types"] = types
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+    recipe = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(tmp_path / "a"), "layer_range": [0, 3]}]},
+        {"sources": [{"model": str(tmp_path / "b"), "layer_range": [2, 4]}]}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    out = build_recipe(load_recipe(tmp_path / "r.yaml"), tmp_path / "out", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 5
+    assert cfg["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention",
+                                  "full_attention", "full_attention"]
+    # the index rules, recomputed: Qwen2 (first max_window_layers full) and Gemma 3 (every 2nd full)
+    qwen = {"num_hidden_layers": 4, "use_sliding_window": True, "max_window_layers": 2, "mlp_only_layers": [1, 3]}
+    got = layer_updates(qwen, [(qwen, 1, 4), (qwen, 0, 2)])
+    assert got["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention",
+                                  "full_attention", "full_attention"]
+    assert got["mlp_only_layers"] == [0, 2, 4] and got["max_window_layers"] == 5
+    gemma = {"num_hidden_layers": 4, "sliding_window_pattern": 2}
+    assert layer_updates(gemma, [(gemma, 1, 3)])["layer_types"] == ["full_attention", "sliding_attention"]

@@ -128,9 +128,8 @@ def _bad(tiny, case: str) -> dict:
                           "models": [{"model": a, "parameters": {"weight": 1.0, "density": 0.9, "epsilon": 0.2}}]},
         "nearswap_t_zero": {"merge_method": "nearswap", "base_model": base, "parameters": {"t": 0},
                             "models": [{"model": a}]},
-        "gamma_on_ties": {"merge_method": "ties", "base_model": base,
-                          "models": [{"model": a, "parameters": {"weight": 1.0, "gamma": 0.1}}]},
-        "karcher_with_base": {"merge_method": "karcher", "base_model": base, "models": [{"model": a}, {"model": c}]},
+        "gama_on_ties": {"merge_method": "ties", "base_model": base,
+                         "models": [{"model": a, "parameters": {"weight": 1.0, "gama": 0.1}}]},
     }[case]
 
 
@@ -142,12 +141,60 @@ def _bad(tiny, case: str) -> dict:
     ("ties_no_base", ("ties needs a base_model",)),
     ("della_epsilon", ("models[0].parameters", "density ± epsilon")),
     ("nearswap_t_zero", ("parameters.t", "greater than 0")),
-    ("gamma_on_ties", ("models[0].parameters.gamma", "density, weight")),
-    ("karcher_with_base", ("karcher takes no base_model",)),
+    ("gama_on_ties", ("models[0].parameters.gama", "did you mean", "density, weight")),
 ])
 def test_invalid_parameters_fail_at_load(tmp_path, tiny_models, case, needles):
     res, out = cli_build(tmp_path, _bad(tiny_models, case))
     assert_rejected(res, out, "out.yaml", *needles)
+
+
+def test_a_parameter_another_method_uses_is_ignored_aloud(tmp_path, tiny_models, load_weights):
+    """mergekit ignores a parameter a method does not use (gamma on ties, weight on sce); merger too, with a
+    warning naming it, and the merge is exactly the one without it."""
+    base, a, b = (str(tiny_models[k]) for k in ("base", "ft_a", "ft_b"))
+    with_gamma = {"merge_method": "ties", "base_model": base,
+                  "models": [{"model": a, "parameters": {"weight": 1.0, "gamma": 0.1, "density": 0.5}}]}
+    res, out = cli_build(tmp_path, with_gamma)
+    assert res.exit_code == 0 and "models[0].parameters.gamma: ties does not use 'gamma'" in res.stderr, res.stderr
+    plain = {**with_gamma, "models": [{"model": a, "parameters": {"weight": 1.0, "density": 0.5}}]}
+    (tmp_path / "plain").mkdir()
+    res2, out2 = cli_build(tmp_path / "plain", plain)
+    assert res2.exit_code == 0 and "warning" not in res2.stderr
+    got, want = load_weights(out), load_weights(out2)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    sce = {"merge_method": "sce", "base_model": base, "models": [{"model": a, "parameters": {"weight": 0.5}},
+                                                                {"model": b, "parameters": {"weight": 0.5}}]}
+    (tmp_path / "sce").mkdir()
+    res3, _ = cli_build(tmp_path / "sce", sce)
+    assert res3.exit_code == 0 and "sce does not use 'weight'" in res3.stderr
+
+
+def test_base_model_of_a_method_without_one_only_donates_the_config(tmp_path, tiny_models, load_weights):
+    """mergekit ignores base_model for karcher/passthrough except as the config and tokenizer donor."""
+    base, a, c = (str(tiny_models[k]) for k in ("base", "ft_a", "ft_c"))
+    r = {"merge_method": "karcher", "base_model": base, "models": [{"model": a}, {"model": c}]}
+    res, out = cli_build(tmp_path, r)
+    assert res.exit_code == 0 and "karcher merges no base model" in res.stderr, res.stderr
+    (tmp_path / "plain").mkdir()
+    res2, out2 = cli_build(tmp_path / "plain", {k: v for k, v in r.items() if k != "base_model"})
+    got, want = load_weights(out), load_weights(out2)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_misplaced_and_misspelt_keys_say_where_they_belong(tmp_path, tiny_models):
+    base, a = str(tiny_models["base"]), str(tiny_models["ft_a"])
+    r = {"merge_method": "sce", "base_model": base, "select_topk": 0.5, "models": [{"model": a}, {"model": base}]}
+    res, out = cli_build(tmp_path, r)
+    assert_rejected(res, out, "select_topk", "method parameter", "top-level `parameters:`")
+    r = {"merge_method": "linear", "models": [{"model": a, "weight": 1.0}]}
+    res, out = cli_build(tmp_path, r)
+    assert_rejected(res, out, "models[0].weight", "`models[0].parameters:`")
+    r = {"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1.0}}], "tokenizer_sorce": "base"}
+    res, out = cli_build(tmp_path, r)
+    assert_rejected(res, out, "tokenizer_sorce", "did you mean 'tokenizer_source'")
+    r = {"merge_method": "ties", "base_model": base, "models": [{"model": a, "parameters": {"weight": 1.0, "lambda": 2}}]}
+    res, out = cli_build(tmp_path, r)
+    assert_rejected(res, out, "models[0].parameters.lambda", "not per model", "top-level")
 
 
 def test_shard_bytes_do_not_depend_on_metadata_order(tmp_path):

@@ -6,33 +6,24 @@ Tied embeddings (`tie_word_embeddings` and no `lm_head.weight`) expose lm_head a
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
-import stat
-import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from merger.errors import CheckpointError
+from merger.io.safetensors_file import ST_DTYPES, SafetensorsFile, read_safetensors_header, regular_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
 # Pickled trainer state that sits beside weights in many repos and is never a model.
 _NOT_WEIGHTS = re.compile(r"(training_args|optimizer|scheduler|scaler|rng_state.*|trainer_state)\.(bin|pt|pth)")
-_ST_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 LAYER_RE = re.compile(r"^(.*?layers\.)(\d+)(\..+)$")
 DECODER_LAYERS = "model.layers."
-MAX_HEADER_BYTES = 100_000_000   # safetensors' own limit
 MAX_JSON_BYTES = 64 * 1024 * 1024  # config.json and the shard index are kilobytes
 
 
@@ -40,82 +31,6 @@ def split_layer(name: str) -> tuple[str, int, str] | None:
     """'model.layers.3.mlp.up_proj.weight' -> ('model.layers.', 3, '.mlp.up_proj.weight')."""
     m = LAYER_RE.match(name)
     return (m.group(1), int(m.group(2)), m.group(3)) if m else None
-
-
-def _int_list(v: Any, n: int | None = None) -> bool:
-    return (isinstance(v, list) and (n is None or len(v) == n)
-            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v))
-
-
-def parse_safetensors_header(raw: bytes, data_size: int) -> dict[str, dict[str, Any]]:
-    """Validate a safetensors header (the JSON after the 8-byte length) for a data section of
-    `data_size` bytes: every entry has a known dtype, a shape of non-negative ints and offsets whose
-    byte count fits that shape, and the entries tile the data section exactly (no overlap, no gap),
-    as the safetensors library itself requires. ValueError says what is wrong."""
-    try:
-        header = json.loads(raw)
-    except RecursionError:
-        raise ValueError("header JSON is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"header is not JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    meta = header.pop("__metadata__", None)
-    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-        raise ValueError("__metadata__ is not a mapping of strings")
-    spans = []
-    for name, info in header.items():
-        if not isinstance(info, dict):
-            raise ValueError(f"tensor {name!r}: entry is not an object")
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
-            raise ValueError(f"tensor {name!r} has unsupported dtype {dtype!r}")
-        if not _int_list(shape):
-            raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
-        if not _int_list(offsets, 2) or offsets[0] > offsets[1]:
-            raise ValueError(f"tensor {name!r}: data_offsets {offsets!r} are not two ascending integers")
-        if offsets[1] > data_size:
-            raise ValueError(f"tensor {name!r} points outside the file")
-        if (offsets[1] - offsets[0]) != math.prod(shape) * _ST_DTYPES[dtype].itemsize:
-            raise ValueError(f"tensor {name!r} has {offsets[1] - offsets[0]} bytes for shape {shape} {dtype}")
-        spans.append((offsets[0], offsets[1], name))
-    pos = 0
-    for start, end, name in sorted(spans):
-        if start != pos:
-            raise ValueError(f"tensor {name!r} {'overlaps the one before it' if start < pos else 'leaves a gap'} "
-                             f"(offset {start}, expected {pos})")
-        pos = end
-    if pos != data_size:
-        raise ValueError(f"the tensors cover {pos} of the file's {data_size} data bytes")
-    return header
-
-
-def regular_file(path: Path) -> bool:
-    """True for a regular file (or a link to one): never a FIFO or device that would block a read."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except (OSError, ValueError):
-        return False
-
-
-def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
-    """Parse a .safetensors header without touching tensor data; CheckpointError if it is corrupt."""
-    try:
-        if not regular_file(path):
-            raise ValueError("not a regular file")
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) != 8:
-                raise ValueError("file shorter than its 8-byte header length")
-            (n,) = struct.unpack("<Q", raw_len)
-            size = os.fstat(f.fileno()).st_size
-            if n > size - 8 or n > MAX_HEADER_BYTES:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
-            return parse_safetensors_header(f.read(n), size - 8 - n)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file ({e}); re-download or re-save the checkpoint"
-        ) from None
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -157,8 +72,9 @@ class Checkpoint:
         self.config = load_config(self.path, self.label)
         self._file_of: dict[str, str] = {}
         self._info: dict[str, dict[str, Any]] = {}
-        self._handles: dict[str, Any] = {}
-        self._data_start: dict[str, int] = {}
+        self._headers: dict[str, dict[str, dict[str, Any]]] = {}
+        self._readers: dict[str, SafetensorsFile] = {}
+        self.read_ahead: Any = None  # merger.stream.ReadAhead while a plan runs
         self._pickled: dict[str, torch.Tensor] = {}
         index = self.path / INDEX_NAME
         if index.exists():
@@ -188,6 +104,7 @@ class Checkpoint:
                 raise CheckpointError(f"model {self.label!r}: shard {fname} named in the index is missing")
             else:
                 header = read_safetensors_header(fpath)
+            self._headers[fname] = header
             for name, info in header.items():
                 if weight_map is None and name in self._file_of:
                     raise CheckpointError(f"model {self.label!r}: tensor {name!r} is in both {self._file_of[name]} "
@@ -226,7 +143,7 @@ class Checkpoint:
         return tuple(self._info[self._resolve(name)]["shape"])
 
     def dtype(self, name: str) -> torch.dtype:
-        return _ST_DTYPES[self._info[self._resolve(name)]["dtype"]]
+        return ST_DTYPES[self._info[self._resolve(name)]["dtype"]]
 
     def nbytes(self, name: str) -> int:
         start, end = self._info[self._resolve(name)]["data_offsets"]
@@ -234,46 +151,39 @@ class Checkpoint:
 
     # --- data -----------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into memory of its own. Not an mmap view: mapped pages, once read, count
-        in the process's RSS until the file is unmapped, so a merge would grow to all its inputs."""
+        """Read one tensor. Not an mmap view: mapped pages, once read, count in the process's RSS until
+        the file is unmapped, so a merge would grow to all its inputs. While a plan runs, the tensor may
+        come from the read-ahead: then it lives in a pooled buffer until the output it feeds is written."""
+        if self.read_ahead is not None:
+            t = self.read_ahead.take(self.read_ahead.current, self, name)
+            if t is not None:
+                return t
         real = self._resolve(name)
         if real in self._pickled:
             return self._pickled[real]
+        return self._reader(real).get(real)
+
+    def read_into(self, name: str, buf: torch.Tensor) -> torch.Tensor:
+        """Tensor `name` read into the front of the uint8 tensor `buf` (for the read-ahead's pooled buffers)."""
+        real = self._resolve(name)
+        if real in self._pickled:
+            return self._pickled[real]
+        return self._reader(real).read_into(real, buf)
+
+    def _reader(self, real: str) -> SafetensorsFile:
         fname = self._file_of[real]
         if fname in self.remote and not (self.path / fname).exists():
             raise CheckpointError(f"model {self.label!r}: {fname} was not downloaded (headers only); "
                                   f"build the recipe to fetch the weights")
-        fh = self._handles.get(fname)
-        if fh is None:
-            try:
-                fh = open(self.path / fname, "rb", buffering=0)
-                (n,) = struct.unpack("<Q", os.pread(fh.fileno(), 8, 0))
-            except (OSError, struct.error) as e:
-                raise CheckpointError(f"{self.path / fname}: cannot open ({e})") from None
-            self._handles[fname] = fh
-            self._data_start[fname] = 8 + n
-        info = self._info[real]
-        start, end = info["data_offsets"]
-        out = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        if len(view) != end - start:
-            raise CheckpointError(f"{self.path / fname}: tensor {real!r} has {end - start} bytes for shape "
-                                  f"{info['shape']}; re-save the checkpoint")
-        pos, offset = 0, self._data_start[fname] + start
-        while pos < len(view):
-            try:
-                got = os.preadv(fh.fileno(), [view[pos:]], offset + pos)
-            except OSError as e:
-                raise CheckpointError(f"{self.path / fname}: cannot read tensor {real!r} ({e})") from None
-            if got <= 0:
-                raise CheckpointError(f"{self.path / fname}: file ends inside tensor {real!r}; re-download it")
-            pos += got
-        return out
+        reader = self._readers.get(fname)
+        if reader is None:
+            reader = self._readers[fname] = SafetensorsFile(self.path / fname, self._headers[fname])
+        return reader
 
     def close(self) -> None:
-        for fh in self._handles.values():
-            fh.close()
-        self._handles.clear()
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
 
     def _load_pickles(self, names: list[str]) -> None:
         """Only with --allow-pickle: plain tensors via torch.load(weights_only=True), which refuses
@@ -281,7 +191,7 @@ class Checkpoint:
         index = self.path / PICKLE_INDEX_NAME
         if index.exists():
             names = sorted(set(read_index(index).values()))
-        st_name = {v: k for k, v in _ST_DTYPES.items()}
+        st_name = {v: k for k, v in ST_DTYPES.items()}
         for fname in names:
             fpath = self.path / fname
             try:

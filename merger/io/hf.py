@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from merger.errors import CheckpointError
-from merger.io.checkpoint import regular_file
+from merger.io.safetensors_file import regular_file
 from merger.io.dtypes import dtype_name, parse_dtype
 
 TOKENIZER_FILES = (

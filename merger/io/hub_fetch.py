@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from merger.errors import CheckpointError, HubError, MergerError
-from merger.io.checkpoint import (INDEX_NAME, MAX_HEADER_BYTES, PICKLE_INDEX_NAME, SINGLE_NAME, is_pickle_weights,
-                                  parse_safetensors_header, read_safetensors_header)
+from merger.io.checkpoint import INDEX_NAME, PICKLE_INDEX_NAME, SINGLE_NAME, is_pickle_weights
+from merger.io.safetensors_file import MAX_HEADER_BYTES, parse_safetensors_header, read_safetensors_header
 from merger.io.hf import TOKENIZER_FILES
 from merger.io.hub import bounded_requests, cache_dir_of, endpoint_of, hub_failure, offline_of, token_of
 from merger.io.refs import meant_as_local, parse_reference

@@ -17,6 +17,17 @@ def parse_reference(reference: str) -> tuple[str, str | None] | None:
     return m["repo"], m["rev"]
 
 
+def split_lora(reference: str, base_dir: str | None) -> tuple[str, str] | None:
+    """'base+adapter' -> ('base', 'adapter') (mergekit's LoRA reference); None for a plain reference,
+    including a local path that itself contains '+'."""
+    if "+" not in reference or (Path(base_dir or ".") / reference).exists():
+        return None
+    base, _, adapter = reference.partition("+")
+    if not base or not adapter or "+" in adapter:
+        return None
+    return base, adapter
+
+
 def meant_as_local(reference: str, base_dir: str | None) -> bool:
     """A reference whose first folder exists locally (`models/ft-a` with ./models present) is a
     missing local folder, not a repo id: never send it to the network."""

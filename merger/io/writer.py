@@ -88,6 +88,15 @@ def _layout(file: str, specs: list[TensorSpec], metadata: dict[str, str]) -> _Sh
                   len(header) + pos)
 
 
+def planned_header(specs: list[TensorSpec]) -> dict[str, dict[str, object]]:
+    """The header entries one file holding `specs` would have (for a stage that is planned, not built)."""
+    header, pos = {}, 0
+    for s in sorted(specs, key=lambda s: (_RANK[s.dtype], s.name)):
+        header[s.name] = {"dtype": _ST_NAMES[s.dtype], "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
+        pos += s.nbytes
+    return header
+
+
 def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
     """Tensors in plan order, a new shard whenever the next tensor would overflow the current one."""
     shards: list[list[TensorSpec]] = []
@@ -154,7 +163,8 @@ class ShardWriter:
             except OSError as e:
                 raise disk_error(e, path, self.total_bytes) from None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor) -> int:
+        """Write one planned tensor at its offset; returns the shard's file descriptor."""
         spec = self.specs.get(name)
         if spec is None:
             raise ValueError(f"tensor {name} is not in the plan")
@@ -171,6 +181,7 @@ class ShardWriter:
                 raise disk_error(e, self.out_dir / sh.file, self.total_bytes) from None
         self._written.add(name)
         self.written_bytes += spec.nbytes
+        return sh.fd
 
     def finish(self) -> list[str]:
         """Check every planned tensor was written, flush the shards to disk, write the index."""

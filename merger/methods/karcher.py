@@ -13,7 +13,7 @@ from merger.methods.base import MergeContext, MergeMethod
 from merger.methods.reduce import dot, norm
 
 
-MAX_ITER = 1000
+MAX_ITER = 100_000  # published recipes use up to 20000 (convergence stops far earlier); 1e9 is a hang
 
 
 class Karcher(MergeMethod):

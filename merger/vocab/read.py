@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from merger.errors import CheckpointError
-from merger.io.checkpoint import read_json, regular_file
+from merger.io.checkpoint import read_json
+from merger.io.safetensors_file import regular_file
 from merger.io.hf import config_int
 
 MAX_TOKENIZER_BYTES = 256 * 1024 * 1024
