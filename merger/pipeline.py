@@ -93,7 +93,7 @@ def prepare(recipe: Any, options: dict[str, Any] | None = None, label: str = "re
     if isinstance(recipe, MergeRecipe):
         from merger.merge_plan import plan_merge
 
-        plan = plan_merge(recipe, ckpts, label=label, seed=seed)
+        plan = plan_merge(recipe, ckpts, label=label, seed=seed, device=options.get("device") or "cpu")
     else:
         from merger.moe.compose import plan_moe
 

@@ -19,11 +19,14 @@ class NoParams(BaseModel):
 
 @dataclass(frozen=True)
 class MergeContext:
-    """What a method may know besides the tensors: the output name, a seeded generator, the dtype."""
+    """What a method may know besides the tensors: the output name, a seeded generator (on the CPU, so
+    draws do not depend on the device), the dtype and the device the tensors are on. The input tensors
+    are the method's only for the call: return a new tensor (or one of them), keep no reference."""
 
     name: str
     generator: torch.Generator
     dtype: torch.dtype
+    device: torch.device = torch.device("cpu")
 
 
 class MergeMethod:

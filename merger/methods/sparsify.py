@@ -155,7 +155,8 @@ class RandomKeep(MaskPlan):
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
-        return torch.empty(delta.shape, dtype=torch.bool).bernoulli_(self.density, generator=self.generator)
+        keep = torch.empty(delta.shape, dtype=torch.bool).bernoulli_(self.density, generator=self.generator)
+        return keep.to(delta.device)  # drawn on the CPU: the same mask whatever device merges
 
 
 class RankKeep(RandomKeep):
@@ -193,7 +194,7 @@ class RankKeep(RandomKeep):
             prob = ranks.to(torch.float64).mul_(2 * self.epsilon / (width - 1)).add_(self.density - self.epsilon)
         else:
             prob = torch.full(ranks.shape, self.density, dtype=torch.float64)
-        return torch.rand(prob.shape, generator=self.generator, dtype=torch.float64) < prob
+        return torch.rand(prob.shape, generator=self.generator, dtype=torch.float64).to(prob.device) < prob
 
 
 def magnitude_plan(deltas: Callable[[], Iterator[torch.Tensor]], sample: torch.Tensor, n: int,
