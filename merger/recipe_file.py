@@ -4,8 +4,6 @@ plugin files and validates it as a merge or, when it has `experts`, an MoE recip
 RecipeError line naming the file (and the line, for YAML errors)."""
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ import yaml
 from pydantic import BaseModel
 
 from merger.errors import RecipeError
+from merger.io.files import read_user_text
 from merger.merge_plan import check_constant_params
 from merger.moe.recipe import load_moe_recipe
 from merger.recipe import MergeRecipe, lift_single_module, load_recipe_plugins, parse_model, validate_merge_recipe
@@ -49,29 +48,7 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 def read_text(path: str | Path, what: str = "recipe") -> str:
     """The text of a regular file of at most MAX_RECIPE_BYTES; never blocks on a FIFO or device."""
-    p = Path(path)
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: {what} file not found") from None
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise RecipeError(f"{path}: is a folder; give the {what}'s .yaml file")
-    if not stat.S_ISREG(st.st_mode):
-        raise RecipeError(f"{path}: not a regular file (a pipe or device); save the {what} to a file first")
-    if st.st_size > MAX_RECIPE_BYTES:
-        raise RecipeError(f"{path}: {st.st_size / 1e6:.1f} MB is too large for a {what} "
-                          f"(limit {MAX_RECIPE_BYTES // 2**20} MiB); is it the right file?")
-    try:
-        with open(p, "rb") as f:
-            data = f.read(MAX_RECIPE_BYTES + 1)
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from None
+    return read_user_text(path, what, MAX_RECIPE_BYTES, RecipeError)
 
 
 def load_yaml(text: str, path: str | Path) -> Any:

@@ -30,6 +30,16 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """`merger demo`'s seeded models under models/ (read-only: build outputs go to each test's tmp_path)."""
+    from merger.demo import make_demo_models
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_models(root)
+    return root
+
+
+@pytest.fixture(scope="session")
 def load_weights():
     """Read every tensor of a model folder into a dict (test-side reference reader)."""
     from safetensors.torch import load_file

@@ -12,20 +12,12 @@ import pytest
 import torch
 import yaml
 
-from merger.demo import make_demo_models
 from merger.io.writer import write_tensors
 from merger.pipeline import build_recipe, prepare
 from merger.recipe_file import load_recipe
 from merger.stream import Budget, BufferPool
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_models(root)
-    return root
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])

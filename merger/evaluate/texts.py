@@ -3,13 +3,12 @@ like the code; data/SOURCES.md) and users' own files (`--text`), each a named `T
 into token ids for a model (BOS + text, as the engine encodes a prompt)."""
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from merger.evaluate.errors import EvalError
+from merger.io.files import read_user_text
 
 # name -> (file in data/, what it holds); the order is the table's
 DOMAINS: dict[str, tuple[str, str]] = {
@@ -41,27 +40,7 @@ def builtin_texts(names: list[str] | None = None) -> list[Text]:
 def read_text_file(path: str | Path) -> Text:
     """A user's text file as a Text named after the file (its stem); one-line EvalErrors otherwise."""
     p = Path(path)
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        raise EvalError(f"{path}: text file not found") from None
-    except OSError as e:
-        raise EvalError(f"{path}: cannot read the text ({e.strerror or e})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise EvalError(f"{path}: is a folder; give a UTF-8 text file")
-    if not stat.S_ISREG(st.st_mode):
-        raise EvalError(f"{path}: not a regular file (a pipe or device); save the text to a file first")
-    if st.st_size > MAX_TEXT_BYTES:
-        raise EvalError(f"{path}: {st.st_size / 2**20:.0f} MiB is more text than an evaluation needs "
-                        f"(limit {MAX_TEXT_BYTES // 2**20} MiB); take a sample of it")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise EvalError(f"{path}: cannot read the text ({e.strerror or e})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise EvalError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    text = read_user_text(p, "text", MAX_TEXT_BYTES, EvalError)
     if not text.strip():
         raise EvalError(f"{path}: the text is empty; give a file with at least a sentence of text")
     return Text(p.stem or str(p), text, str(path))
