@@ -54,11 +54,14 @@ def generate_cmd(
 
 
 def route_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="An MoE folder (Mixtral or Qwen2-MoE layout).")],
+    model_dir: Annotated[Path, typer.Argument(help="An MoE folder (Mixtral, Qwen2-MoE or Qwen3-MoE layout).")],
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts to route.")],
     dtype: Annotated[Optional[str], typer.Option(help="Run in this dtype (default: the checkpoint's).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda[:n].")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the routing into this PNG (.svg, .pdf): "
+                                                               "heatmaps per prompt; needs merger[plot].")] = None,
+    html: Annotated[Optional[Path], typer.Option("--html", help="Also write the routing as one HTML page.")] = None,
 ) -> None:
     """Show which experts each layer routes each prompt to, and with what weight."""
     from merger.io.dtypes import parse_dtype
@@ -68,5 +71,18 @@ def route_cmd(
         torch_dtype = parse_dtype(dtype) if dtype else None
     except ValueError as e:
         raise MergerError(f"--dtype: {e}") from None
+    if plot:
+        from merger.moe.plot import require_matplotlib
+
+        require_matplotlib()  # before the model loads: a missing extra fails at once
     report = route_report(model_dir, prompts, dtype=torch_dtype, device=device)
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
+    title = f"routing of {model_dir.resolve().name}"
+    if plot:
+        from merger.moe.plot import plot_report
+
+        typer.echo(f"wrote {plot_report(report, plot, title=title)}", err=True)
+    if html:
+        from merger.moe.plot import write_html
+
+        typer.echo(f"wrote {write_html(report, html, title=title)}", err=True)

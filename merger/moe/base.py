@@ -4,6 +4,7 @@ router weights of every layer, shape (layers, experts, hidden), float32, from a 
 tokenizer and per-layer hidden states through merger's own engine)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -12,6 +13,26 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from merger.errors import MergerError, RecipeError
+
+
+def bos_text(tokenizer: Any, path: Path | None = None) -> str:
+    """The tokenizer's `bos_token` string (tokenizer_config.json, else special_tokens_map.json, where
+    transformers also looks), or "" when it names none (e.g. Qwen2)."""
+    bos = tokenizer.special.get("bos_token")
+    if bos is None and path is not None and (path / "special_tokens_map.json").is_file():
+        try:
+            value = json.loads((path / "special_tokens_map.json").read_text(encoding="utf-8")).get("bos_token")
+        except (OSError, ValueError, AttributeError):
+            value = None
+        bos = value.get("content") if isinstance(value, dict) else value
+    return bos if isinstance(bos, str) else ""
+
+
+def gate_prompt_ids(tokenizer: Any, prompt: str, path: Path | None = None) -> list[int]:
+    """A gate prompt's token ids as mergekit-moe makes them: the text `bos_token + prompt` encoded with no
+    special tokens added. So the BOS is there even where tokenizer_config says `add_bos_token: false`
+    (SmolLM2, many ChatML and Qwen models), and the tokenizer sees the BOS text, exactly as mergekit's does."""
+    return list(tokenizer.encode(bos_text(tokenizer, path) + prompt, add_bos=False))
 
 
 @dataclass(frozen=True)
@@ -44,12 +65,18 @@ class GateContext:
         return len(self.experts)
 
     def tokenize(self, prompt: str) -> list[int]:
-        """BOS + the prompt's tokens, no other special tokens (mergekit's tokenisation)."""
+        """The tokenizer's bos_token text + the prompt, no other special tokens (mergekit's
+        tokenisation, see gate_prompt_ids)."""
         if self._tokenizer is None:
             from merger.engine.tokenizer import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.base_path)
-        return list(self._tokenizer.encode(prompt, add_bos=True))
+        return gate_prompt_ids(self._tokenizer, prompt, self.base_path)
+
+    @property
+    def prefix_tokens(self) -> int:
+        """How many ids tokenize() puts before every prompt's own (1 with a bos_token, else 0)."""
+        return len(self.tokenize(""))
 
     def embedding(self) -> torch.Tensor:
         """The base's input embedding [V, D] in float32."""
@@ -64,7 +91,7 @@ class GateContext:
         return self.weight_reader(row, name).float()
 
     def layer_states(self, prompt: str) -> dict[str, torch.Tensor]:
-        """The base model's per-layer states for BOS + prompt: {"layer_input", "mlp_input"}, float32 [L, T, D]."""
+        """The base model's per-layer states for tokenize(prompt): {"layer_input", "mlp_input"}, float32 [L, T, D]."""
         if self._model is None:
             from merger.engine.model import load_model
 

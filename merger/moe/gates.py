@@ -1,13 +1,16 @@
-"""Built-in gate initializers: random, uniform_random, cheap_embed, hidden (mergekit-moe's modes)
-and router_input, which builds each row from the vector the router actually multiplies at run
-time: layer i's post-attention RMSNorm output. `hidden` uses the residual stream entering layer i
-instead, a different vector (before attention, before the norm and its per-channel weights), so its
-rows score prompts against a state the router never sees."""
+"""Built-in gate initializers: random, uniform_random, cheap_embed, hidden (mergekit-moe's modes),
+router_input, which builds each row from the vector the router actually multiplies at run time (layer
+i's post-attention RMSNorm output; `hidden` uses the residual stream entering layer i, before attention,
+the norm and its per-channel weights), and calibrated, which fits the rows to every prompt token."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from merger.moe.base import GateContext, GateInitializer
+from merger.moe.calibrate import fit_rows, pick_tokens
 
 NORM_EPS = 1e-8
 
@@ -64,17 +67,22 @@ class _PromptStates(GateInitializer):
     state: str  # a key of GateContext.layer_states()
 
     def init_gates(self, ctx: GateContext) -> torch.Tensor:
-        def f(prompts: tuple[str, ...]) -> torch.Tensor:
-            last = [ctx.layer_states(p)[self.state][:, -1, :] for p in prompts]  # each [L, D]
-            return torch.stack(last).mean(dim=0)
+        return prompt_rows(ctx, lambda p: ctx.layer_states(p)[self.state])
 
-        rows = []
-        for e in ctx.experts:
-            v = f(e.positive)
-            if e.negative:
-                v = v - f(e.negative)
-            rows.append(l2_normalize(v))  # [L, D]
-        return torch.stack(rows, dim=1)   # [L, E, D]
+
+def prompt_rows(ctx: GateContext, states) -> torch.Tensor:
+    """[L, E, D]: per expert, mean last-token state of its positive prompts minus that of its negative
+    prompts, L2-normalised per layer; `states(prompt)` gives a prompt's [L, T, D]."""
+    def f(prompts: tuple[str, ...]) -> torch.Tensor:
+        return torch.stack([states(p)[:, -1, :] for p in prompts]).mean(dim=0)  # [L, D]
+
+    rows = []
+    for e in ctx.experts:
+        v = f(e.positive)
+        if e.negative:
+            v = v - f(e.negative)
+        rows.append(l2_normalize(v))  # [L, D]
+    return torch.stack(rows, dim=1)   # [L, E, D]
 
 
 class Hidden(_PromptStates):
@@ -89,4 +97,52 @@ class RouterInput(_PromptStates):
     state = "mlp_input"
 
 
-BUILTIN_GATES = (Random, UniformRandom, CheapEmbed, Hidden, RouterInput)
+class Calibrated(GateInitializer):
+    """router_input rows, then fitted (merger.moe.calibrate) so that each layer's softmax picks every
+    positive-prompt token's expert. A shared expert's row (a sigmoid gate, not in the softmax) stays
+    router_input's."""
+
+    name = "calibrated"
+    description = ("router_input rows fitted per layer (logistic regression, L-BFGS) so the router picks "
+                   "each prompt token's expert; negative prompts push their expert down")
+    needs_prompts = True
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        steps: int = Field(200, ge=1, le=10_000)           # L-BFGS iterations (full batch)
+        weight_decay: float = Field(1e-3, ge=0, le=10)     # on the rows, in units of the mean token norm
+        learning_rate: float = Field(1.0, gt=0, le=10)     # L-BFGS step length (strong-Wolfe line search)
+        tokens: Literal["all", "last"] | PositiveInt = "all"  # which prompt tokens train: all, last, or last k
+        negative_weight: float = Field(1.0, ge=0, le=100)  # weight of the negative prompts' push-down term
+        margin: float = Field(4.0, gt=0, le=20)            # median training token: its expert's logit - the next
+
+    def init_gates(self, ctx: GateContext) -> torch.Tensor:
+        p = ctx.params
+        prefix = ctx.prefix_tokens
+        seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def run(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+            """(last-token state [L, 1, D], training tokens [L, n, D]) of a prompt, its model run done once."""
+            if prompt not in seen:
+                s = ctx.layer_states(prompt)["mlp_input"]
+                seen[prompt] = s[:, -1:].clone(), pick_tokens(s, p.tokens, prefix).clone()
+            return seen[prompt]
+
+        init = prompt_rows(ctx, lambda q: run(q)[0])
+        routed = [j for j, e in enumerate(ctx.experts) if not e.where.startswith("shared_experts")]
+        if len(routed) < 2:
+            return init
+
+        def tokens_of(prompts: tuple[str, ...]) -> torch.Tensor | None:
+            return torch.cat([run(q)[1] for q in prompts], dim=1) if prompts else None  # [L, N, D]
+
+        fitted = fit_rows([tokens_of(ctx.experts[j].positive) for j in routed],
+                          [tokens_of(ctx.experts[j].negative) for j in routed], init[:, routed],
+                          steps=p.steps, weight_decay=p.weight_decay, learning_rate=p.learning_rate,
+                          negative_weight=p.negative_weight, margin=p.margin)
+        out = init.clone()
+        out[:, routed] = fitted
+        return out
+
+
+BUILTIN_GATES = (Random, UniformRandom, CheapEmbed, Hidden, RouterInput, Calibrated)

@@ -13,6 +13,7 @@ import yaml
 from merger.errors import CheckpointError, MergerError
 from merger.card import RECIPE_NAME
 from merger.io.checkpoint import Checkpoint
+from merger.moe.base import bos_text, gate_prompt_ids
 
 
 @dataclass
@@ -21,6 +22,7 @@ class LayerRoute:
     experts: list[int]   # top-k at the last token, best first
     weights: list[float]  # their routing weights (renormalised when the model renormalises)
     share: list[float]   # per expert: its routing weight averaged over all tokens (0 where not picked)
+    top1: list[int]      # per token: the expert with the largest routing weight
 
 
 @dataclass
@@ -28,6 +30,7 @@ class PromptRoute:
     prompt: str
     tokens: int
     layers: list[LayerRoute]
+    pieces: list[str]    # per token: its text (the BOS as its token string)
 
 
 @dataclass
@@ -43,7 +46,7 @@ class RouteReport:
 def moe_layers(cfg: dict) -> list[int]:
     """Layers with a router: all of a Mixtral; Qwen2-MoE may keep some dense (its sparse step, mlp_only_layers)."""
     n = int(cfg.get("num_hidden_layers", 0))
-    if cfg.get("model_type") != "qwen2_moe":
+    if cfg.get("model_type") not in ("qwen2_moe", "qwen3_moe"):
         return list(range(n))
     step, dense = int(cfg.get("decoder_sparse_step") or 1), set(cfg.get("mlp_only_layers") or [])
     return [i for i in range(n) if i not in dense and (i + 1) % step == 0]
@@ -88,16 +91,17 @@ def route_probabilities(states: torch.Tensor, router: torch.Tensor, top_k: int,
 
 def route_report(model_dir: str | Path, prompts: list[str], dtype: torch.dtype | None = None,
                  device: str = "cpu") -> RouteReport:
-    """Run each prompt (BOS + prompt, as the gates were built) through the engine and report routing."""
+    """Run each prompt through the engine, tokenised as the gates were built (the tokenizer's bos_token
+    text + the prompt, merger.moe.base.gate_prompt_ids), and report routing."""
     from merger.engine.model import load_model
     from merger.engine.tokenizer import load_tokenizer
 
     path = Path(model_dir)
     ck = Checkpoint(path)
     mt = ck.config.get("model_type")
-    if mt not in ("mixtral", "qwen2_moe"):
-        raise MergerError(f"{path}: model_type {mt!r} is not an MoE; `merger route` reads Mixtral or Qwen2-MoE "
-                          f"checkpoints (build one with `merger build moe.yaml OUT`)")
+    if mt not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        raise MergerError(f"{path}: model_type {mt!r} is not an MoE; `merger route` reads Mixtral, Qwen2-MoE or "
+                          f"Qwen3-MoE checkpoints (build one with `merger build moe.yaml OUT`)")
     if not prompts:
         raise MergerError("give at least one prompt to route")
     top_k = int(ck.config.get("num_experts_per_tok", 2))
@@ -109,18 +113,24 @@ def route_report(model_dir: str | Path, prompts: list[str], dtype: torch.dtype |
     tok = load_tokenizer(path)
     out = []
     for prompt in prompts:
-        ids = tok.encode(prompt, add_bos=True)
+        ids = gate_prompt_ids(tok, prompt, path)
         if not ids:
-            raise MergerError("an empty prompt has no tokens to route (this tokenizer adds no BOS); give some text")
+            raise MergerError("an empty prompt has no tokens to route (this tokenizer has no bos_token); give some text")
         states = model.layer_states(torch.tensor([ids], dtype=torch.long, device=device))["mlp_input"].cpu()
         layers = []
         for i, router in routers.items():
             dense, top_w, top_e = route_probabilities(states[i], router, top_k, normalize)
             layers.append(LayerRoute(layer=i, experts=top_e[-1].tolist(), weights=top_w[-1].tolist(),
-                                     share=dense.mean(dim=0).tolist()))
-        out.append(PromptRoute(prompt=prompt, tokens=len(ids), layers=layers))
+                                     share=dense.mean(dim=0).tolist(), top1=top_e[:, 0].tolist()))
+        out.append(PromptRoute(prompt=prompt, tokens=len(ids), layers=layers, pieces=token_pieces(tok, ids, path)))
     n_experts = next(iter(routers.values())).shape[0]
     return RouteReport(experts=expert_labels(path, n_experts), top_k=top_k, prompts=out)
+
+
+def token_pieces(tok, ids: list[int], path: Path) -> list[str]:
+    """Each token's own text; a special token that decodes to nothing (the BOS) shows its token string."""
+    bos = bos_text(tok, path)
+    return [tok.decode([i]) or (bos if k == 0 and bos else f"<{i}>") for k, i in enumerate(ids)]
 
 
 def format_report(report: RouteReport) -> str:
