@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from merger.evaluate.errors import EvalError, SearchError
+from merger.errors import EvalError, SearchError
 
 WINDOW_HELP = ("Window = min(the model's context, --window) tokens. Longer texts are scored in windows "
                "that start every stride = window/2 tokens: each token is scored once, with at least a "
@@ -98,7 +98,7 @@ def search_cmd(
     """Search a recipe's parameters with optuna (needs merger[search]): build each trial into a temp
     folder, score it like `merger eval`, print the best recipe; a trial whose build fails is recorded as
     failed and the search goes on."""
-    from merger.evaluate.errors import need_optuna
+    from merger.evaluate.search import need_optuna
     from merger.evaluate.search import search
 
     need_optuna()

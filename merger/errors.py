@@ -31,3 +31,11 @@ class OutputError(MergerError):
 
 class HubError(MergerError):
     """A Hugging Face Hub repository cannot be found, read, downloaded or written."""
+
+
+class EvalError(MergerError):
+    """A text, window or model pairing that `merger eval` cannot score as asked."""
+
+
+class SearchError(MergerError):
+    """A search space, objective, storage or sampler that `merger search` cannot run."""

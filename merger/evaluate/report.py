@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from merger.evaluate.errors import EvalError
+from merger.errors import EvalError
 from merger.evaluate.score import LogProbs, PairScore, TextScore, score, score_pair, stride_of
 from merger.evaluate.texts import Text, builtin_texts, encode
 

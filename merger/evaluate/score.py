@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from merger.evaluate.errors import EvalError
+from merger.errors import EvalError
 
 CHUNK_BYTES = 128 * 2**20   # float32 logits of one scored chunk: 256 positions of a 128k vocabulary
 CACHE_BYTES = 2 * 2**30     # a stream's log-probs are kept for a second consumer up to this size

@@ -21,8 +21,7 @@ from typing import Any
 
 import yaml
 
-from merger.errors import MergerError
-from merger.evaluate.errors import SearchError, need_optuna
+from merger.errors import MergerError, SearchError
 from merger.evaluate.report import DEFAULT_WINDOW, model_window, same_vocabulary
 from merger.evaluate.score import CACHE_BYTES, LogProbs, PairScore, TextScore, score, score_pair
 from merger.evaluate.space import absolute_plugins, apply, check_space, load_space
@@ -30,6 +29,18 @@ from merger.evaluate.texts import Text, builtin_texts, encode
 
 SAMPLERS = ("tpe", "cmaes", "random")
 _TERM = re.compile(r"\s*(?:([0-9]*\.?[0-9]+(?:e[-+]?\d+)?)\s*\*\s*)?(nll|ppl|kl:(.+))\s*", re.IGNORECASE)
+
+SEARCH_EXTRA = "pip install 'merger[search]'"
+
+
+def need_optuna():
+    """The optuna module, or a one-line SearchError naming the extra that installs it."""
+    try:
+        import optuna
+    except ImportError:
+        raise SearchError(f"`merger search` needs optuna, which is not installed; run {SEARCH_EXTRA}") from None
+    return optuna
+
 
 
 @dataclass(frozen=True)
@@ -131,11 +142,10 @@ def make_sampler(optuna, name: str, seed: int | None):
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "cmaes":
-        try:
-            import cmaes  # noqa: F401  (optuna's CmaEsSampler needs it)
-        except ImportError:
-            raise SearchError("--sampler cmaes needs the cmaes package, which is not installed; run "
-                              "pip install 'merger[search]'") from None
+        import importlib.util
+
+        if importlib.util.find_spec("cmaes") is None:  # optuna's CmaEsSampler needs it
+            raise SearchError(f"--sampler cmaes needs the cmaes package, which is not installed; run {SEARCH_EXTRA}")
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     raise SearchError(f"--sampler {name!r}: use one of {', '.join(SAMPLERS)}")
 

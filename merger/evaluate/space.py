@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from merger.errors import MergerError
-from merger.evaluate.errors import SearchError
+from merger.errors import SearchError
 
 _STEP = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)")
 MAX_COMBOS = 64   # categorical combinations tried when checking a value; beyond, the recipe's own values

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from merger.evaluate.errors import EvalError
+from merger.errors import EvalError
 from merger.io.files import read_user_text
 
 # name -> (file in data/, what it holds); the order is the table's
