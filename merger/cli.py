@@ -236,7 +236,7 @@ def plan_cmd(
 @app.command()
 @user_errors
 def convert(
-    gguf_file: Annotated[Path, typer.Argument(help="A .gguf model file (Llama/Mistral; F32, F16, BF16 or quantized).")],
+    gguf_file: Annotated[Path, typer.Argument(help="A .gguf model file (Llama, Mistral, Qwen2, Qwen3, Gemma 3; F32, F16, BF16 or quantized).")],
     out_dir: Annotated[Path, typer.Argument(help="Output Hugging Face folder; appears only when complete.")],
     dtype: Annotated[str, typer.Option(help="Dequantize to float32 (exact), bfloat16 or float16.")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,

@@ -336,8 +336,8 @@ def test_cli_convert_errors_are_one_line(tiny, tmp_path, case):
     root, cfg, weights = tiny
     src = tmp_path / "m.gguf"
     if case == "architecture":
-        write_gguf(src, cfg, weights, arch="qwen2")
-        expect = "architecture 'qwen2' is not supported"
+        write_gguf(src, cfg, weights, arch="falcon")
+        expect = "architecture 'falcon' is not supported"
     elif case == "truncated":
         data = write_gguf(src, cfg, weights).read_bytes()
         src.write_bytes(data[: len(data) * 2 // 3])
@@ -346,7 +346,7 @@ def test_cli_convert_errors_are_one_line(tiny, tmp_path, case):
         src.write_text("hello")
         expect = "not a GGUF file"
     elif case == "tokenizer":
-        write_gguf(src, cfg, weights, pre="qwen2")
+        write_gguf(src, cfg, weights, pre="chatglm-bpe")
         expect = "--no-tokenizer"
     else:
         src = tmp_path / "nope.gguf"
@@ -360,7 +360,7 @@ def test_cli_convert_errors_are_one_line(tiny, tmp_path, case):
 
 def test_no_tokenizer_writes_weights_and_config_only(tiny, tmp_path):
     root, cfg, weights = tiny
-    src = write_gguf(tmp_path / "m.gguf", cfg, weights, pre="qwen2")
+    src = write_gguf(tmp_path / "m.gguf", cfg, weights, pre="chatglm-bpe")
     res = _convert(str(src), str(tmp_path / "hf"), "--no-tokenizer")
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]

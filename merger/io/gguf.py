@@ -29,6 +29,8 @@ _NP_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<
 _STRING, _ARRAY = 8, 9
 # ggml types read without the dequantizer: plain floats.
 _F32, _F16, _BF16 = 0, 1, 30
+# llama.cpp's token types (llama_token_type); control tokens are special, user-defined ones added but not special.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 class GGUFMissingError(MergerError):
