@@ -107,8 +107,8 @@ def build(
         "--push-to", help="Then publish OUT_DIR to this Hub repo (org/name), like `merger publish`.")] = None,
     private: Annotated[bool, typer.Option("--private", help="With --push-to: create the repo private.")] = False,
     threads: Annotated[int, typer.Option(
-        help="Threads for the merge math (0: torch's default, one per core); reading and writing run in "
-             "two more threads beside it.", min=0)] = 0,
+        help="Tensors merged at once, one core each (0: one per core); reading and writing run in two more "
+             "threads beside them. The output is the same bytes for any value.", min=0)] = 0,
     device: Annotated[str, typer.Option(
         help="Where merge methods compute: cpu, cuda[:n], or auto (a GPU when there is one).")] = "cpu",
     intermediate_dir: Annotated[Optional[Path], typer.Option(
@@ -127,11 +127,7 @@ def build(
     except ValueError as e:
         fail(f"--out-shard-size: {e}")
     options: dict[str, Any] = {"allow_pickle": allow_pickle, "progress": False if quiet else None,
-                               "timeout": timeout, "device": device}
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+                               "timeout": timeout, "device": device, "threads": threads}
     if endpoint:
         options["endpoint"] = endpoint
     if push_to is not None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from merger.card import RECIPE_NAME, finish_card, scrub_recipe
 from merger.errors import CheckpointError, PluginError, RecipeError
 from merger.io.writer import ShardWriter, TensorSpec
 from merger.plan import BuildPlan, OutputTensor
-from merger.stream import Budget, ReadAhead, Writer
+from merger.stream import ReadAhead, Writer
 
 
 class Progress:
@@ -68,59 +70,99 @@ def check_finite(t: OutputTensor, value: torch.Tensor, saved: torch.Tensor) -> N
     raise cls(f"{what} produced NaN/inf in tensor {t.name} from finite inputs; check the parameters and the method")
 
 
-def budget_for(tensors: list[OutputTensor]) -> tuple[int, int]:
-    """(bytes in flight at most, the largest tensor): (inputs + 2) x the largest tensor read or written."""
+def budget_for(tensors: list[OutputTensor]) -> int:
+    """Bytes in flight at most: (inputs + 2) x the largest tensor read or written."""
     largest = max([t.dtype.itemsize * math.prod(t.shape) for t in tensors] +
                   [ck.nbytes(name) for t in tensors for ck, name in t.sources], default=1)
     inputs = max([len(t.sources) for t in tensors], default=1)
-    return (inputs + 2) * largest, largest
+    return (inputs + 2) * largest
+
+
+def default_workers() -> int:
+    """One merge worker per core this process may use (at most 8)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
 
 
 def run_tensors(tensors: list[OutputTensor], shards: ShardWriter, progress: Progress | None = None,
-                limit: int | None = None) -> None:
-    """Compute every tensor in order on this thread while merger.stream reads ahead and writes behind."""
-    bound, largest = budget_for(tensors)
-    budget = Budget(limit or bound)
-    ahead = ReadAhead([t.sources for t in tensors], budget, reserve=largest)
+                limit: int | None = None, workers: int | None = None) -> ReadAhead:
+    """Compute every tensor while merger.stream reads ahead and writes behind. Each worker computes whole
+    tensors on one core (torch's own threads are set to 1 meanwhile): no thread waits at another's
+    barrier, which a busy workstation punishes, and every sum is taken in one order, so the result is the
+    same bytes whatever the number of workers or cores. Returns the read-ahead, for its counts."""
+    out_bytes = [t.dtype.itemsize * math.prod(t.shape) for t in tensors]
+    ahead = ReadAhead([(t.sources, n) for t, n in zip(tensors, out_bytes)], limit or budget_for(tensors))
     checkpoints = {id(ck): ck for t in tensors for ck, _ in t.sources if hasattr(ck, "read_into")}
     for ck in checkpoints.values():
         ck.read_ahead = ahead
-    writer = Writer(shards, budget)
+    writer = Writer(shards)
+    intra = torch.get_num_threads()
+    torch.set_num_threads(1)
+    lock = threading.Lock()
+    errors: list[tuple[int, BaseException]] = []
+    done = [0]
+
+    def work() -> None:
+        torch.set_num_threads(1)  # BLAS libraries keep their thread count per calling thread
+        while not errors and (k := ahead.claim()) is not None:
+            t = tensors[k]
+            try:
+                ahead.begin(k)
+                value = t.compute()
+                saved = value.to(t.dtype)
+                check_finite(t, value, saved)
+                writer.put(t.name, saved, lambda k=k: ahead.release(k))
+                del value, saved
+            except BaseException as e:
+                errors.append((k, e))
+                ahead.close()  # wakes every thread waiting for memory or reads
+                return
+            finally:
+                ahead.end()
+            with lock:
+                done[0] += 1
+                if progress is not None:
+                    progress(done[0], len(tensors), shards.written_bytes, shards.total_bytes)
+
+    threads = [threading.Thread(target=work, name=f"merger-worker-{i}", daemon=True)
+               for i in range((workers or default_workers()) - 1)]
     ahead.start()
-    failed = True
     try:
-        for k, t in enumerate(tensors):
-            ahead.advance(k)
-            n = t.dtype.itemsize * math.prod(t.shape)
-            budget.take(n)
-            value = t.compute()
-            saved = value.to(t.dtype)
-            check_finite(t, value, saved)
-            writer.put(t.name, saved, lambda k=k, n=n: (budget.give(n), ahead.done(k)))
-            del value, saved
-            if progress is not None:
-                progress(k + 1, len(tensors), shards.written_bytes, shards.total_bytes)
-        failed = False
+        for th in threads:
+            th.start()
+        work()  # this thread is a worker too (Ctrl-C lands here)
+        for th in threads:
+            th.join()
     finally:
-        ahead.close()
+        ahead.close()  # after an error or Ctrl-C, the other workers finish the tensor in hand and stop
+        for th in threads:
+            if th.ident is not None:
+                th.join()
         for ck in checkpoints.values():
             ck.read_ahead = None
+        torch.set_num_threads(intra)
         try:
             writer.close()
         except BaseException:
-            if not failed:
+            if not errors:
                 raise
+    if errors:  # the tensors before a failing one were claimed and finish, so this is the first in plan order
+        raise min(errors, key=lambda ke: (not isinstance(ke[1], KeyboardInterrupt), ke[0]))[1]
+    return ahead
 
 
 def write_plan(plan: BuildPlan, dst: Path, shard_bytes: int, recipe: Any, title: str,
                paths: dict[str, Path], base_dir: str | None, progress: Progress | None = None,
-               recipe_text: str | None = None) -> list[str]:
+               recipe_text: str | None = None, workers: int | None = None) -> list[str]:
     """Everything the plan describes, into the (staged) folder `dst`; returns the shard file names."""
     specs = [TensorSpec(t.name, t.shape, t.dtype) for t in plan.tensors]
     with ShardWriter(dst, specs, shard_bytes, plan.metadata) as writer:
         for step in plan.prepare:
             step()
-        run_tensors(plan.tensors, writer, progress)
+        run_tensors(plan.tensors, writer, progress, workers=workers)
         files = writer.finish()
     (dst / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
     plan.tokenizer.write(dst)

@@ -152,7 +152,7 @@ def build_recipe(recipe: Any, out_dir: str | Path, *, force: bool = False, shard
     try:
         with staged as tmp:
             write_plan(plan, tmp, shard_bytes, recipe, title, prepared.paths, base_dir, Progress(what, progress),
-                       recipe_text)
+                       recipe_text, workers=options.get("threads") or None)
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text)
             staged.publish()

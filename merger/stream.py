@@ -1,20 +1,21 @@
-"""Overlapped I/O for running a plan: while the main thread computes tensor k, a read-ahead thread reads
-the inputs of the tensors after it and a writer thread writes tensor k-1, each in a syscall that
-releases the GIL, so reading, merging and writing use both cores.
+"""Overlapped I/O for running a plan: a read-ahead thread reads the inputs of the next tensors, workers
+merge whole tensors (one core each) and a writer thread writes them, each in calls that release the
+GIL, so reading, merging and writing keep every core busy.
 
-Reads go into pooled buffers that are reused once the tensor that read them has been written: a fresh
-allocation per tensor would cost a page fault and a zeroed page for every 4 KiB (the kernel's time, not
-the merge's). Everything in flight (pooled input buffers, the output being computed, outputs waiting to
-be written) stays within one byte budget, (inputs + 2) x the largest tensor by default, whatever the
-shard size. Each tensor is written at its planned offset and the shards are flushed to disk as the
-writing goes, so the final fsync is short.
+Memory is admitted per tensor, strictly in plan order: a tensor is read only when its inputs and its
+output fit in the byte budget beside everything still in flight ((inputs + 2) x the largest tensor by
+default, whatever the shard size), and its bytes come back once its output is written. A tensor alone
+always goes, so nothing waits forever; tensors earlier in the plan never wait for later ones, so
+nothing deadlocks. Reads go into pooled buffers reused by size: a fresh allocation per tensor would
+cost a page fault and a zeroed page for every 4 KiB (the kernel's time, not the merge's). Each tensor is
+written at its planned offset and the shards are flushed to disk as the writing goes, so the final
+fsync is short.
 """
 from __future__ import annotations
 
 import os
 import queue
 import threading
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -24,137 +25,149 @@ import torch
 SYNC_EVERY = 256 * 2**20  # bytes written between fdatasync calls: the disk works while the merge does
 
 
-class Budget:
-    """Bytes in flight; `take` blocks until they fit. The read-ahead leaves room for the main thread."""
+class BufferPool:
+    """Idle read buffers by exact size (a model's tensors come in a few sizes, repeated per layer)."""
 
-    def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
+    def __init__(self) -> None:
+        self.idle: dict[int, list[torch.Tensor]] = {}
+        self.idle_bytes = 0
+
+    def take(self, nbytes: int) -> torch.Tensor | None:
+        free = self.idle.get(nbytes)
+        if not free:
+            return None
+        self.idle_bytes -= nbytes
+        return free.pop()
+
+    def give(self, buf: torch.Tensor) -> None:
+        self.idle.setdefault(buf.numel(), []).append(buf)
+        self.idle_bytes += buf.numel()
+
+    def drop_largest(self) -> None:
+        size = max(n for n, free in self.idle.items() if free)
+        self.idle[size].pop()  # its memory goes back to the system with the last reference
+        self.idle_bytes -= size
+
+
+class ReadAhead:
+    """Admits and reads tensors in plan order, at most `ahead` beyond those the workers have claimed.
+
+    A worker `claim`s the next tensor, `begin`s it (waiting for its reads), computes it (a checkpoint's
+    `get` then calls `take`, which hands over the prefetched tensor, or None: read it directly) and
+    `release`s it once its output is written."""
+
+    def __init__(self, jobs: list[tuple[list[tuple[Any, str]], int]], limit: int, ahead: int = 2):
+        self.sources = [[(ck, name) for ck, name in srcs if hasattr(ck, "read_into")] for srcs, _ in jobs]
+        self.out_bytes = [n for _, n in jobs]
+        self.limit, self.ahead = limit, ahead
+        self.pool = BufferPool()
         self.cond = threading.Condition()
+        self.used = 0           # bytes of admitted tensors not yet written (their inputs and output)
+        self.peak = 0           # the most bytes held at once, idle buffers included
+        self.claimed = 0        # tensors handed to workers (0 .. claimed-1)
+        self.charge: dict[int, int] = {}
+        self.held: dict[int, list[torch.Tensor]] = {}
+        self.inputs: dict[int, dict[tuple[int, str], list[torch.Tensor]]] = {}
+        self.ready: set[int] = set()
         self.closed = False
+        self.error: BaseException | None = None
+        self.served = 0  # reads handed over from the read-ahead (the rest, if any, the jobs did themselves)
+        self.mine = threading.local()   # the tensor this worker thread computes
+        self.thread = threading.Thread(target=self._run, name="merger-read-ahead", daemon=True)
 
-    def take(self, n: int, reserve: int = 0) -> bool:
+    def start(self) -> None:
+        self.thread.start()
+
+    def _admit(self, k: int) -> list[torch.Tensor] | None:
+        """Wait until tensor k may be read; its buffers (reused or new), or None once closed."""
+        sizes = [max(ck.nbytes(name), 1) for ck, name in self.sources[k]]
+        need = sum(sizes) + self.out_bytes[k]
         with self.cond:
-            while not self.closed and self.used and self.used + n + reserve > self.limit:
+            while True:
+                if self.closed:
+                    return None
+                if k < self.claimed + self.ahead and (not self.used or self.used + need <= self.limit):
+                    break
                 self.cond.wait()
-            if self.closed:
-                return False
-            self.used += n
-            return True
+            reused = [self.pool.take(n) for n in sizes]
+            while self.pool.idle_bytes and self.used + need + self.pool.idle_bytes > self.limit:
+                self.pool.drop_largest()
+            self.used += need
+            self.charge[k] = need
+            self.peak = max(self.peak, self.used + self.pool.idle_bytes)
+        return [b if b is not None else torch.empty(n, dtype=torch.uint8) for b, n in zip(reused, sizes)]
 
-    def give(self, n: int) -> None:
+    def _run(self) -> None:
+        try:
+            for k, sources in enumerate(self.sources):
+                bufs = self._admit(k)
+                if bufs is None:
+                    return
+                got: dict[tuple[int, str], list[torch.Tensor]] = {}
+                for (ck, name), buf in zip(sources, bufs):
+                    if self.closed:
+                        return
+                    got.setdefault((id(ck), name), []).append(ck.read_into(name, buf))
+                with self.cond:
+                    self.held[k], self.inputs[k] = bufs, got
+                    self.ready.add(k)
+                    self.cond.notify_all()
+        except BaseException as e:  # the workers then read for themselves and fail there, with context
+            with self.cond:
+                self.error = e
+                self.cond.notify_all()
+
+    def claim(self) -> int | None:
+        """The next tensor for the calling worker, or None when all are claimed or the run stopped."""
         with self.cond:
-            self.used -= n
+            if self.closed or self.claimed >= len(self.sources):
+                return None
+            self.claimed += 1
+            self.cond.notify_all()
+            return self.claimed - 1
+
+    def begin(self, k: int) -> None:
+        """Wait for tensor k's reads; the calling thread's reads then come from them."""
+        with self.cond:
+            while k not in self.ready and self.error is None and not self.closed and self.thread.is_alive():
+                self.cond.wait(0.5)
+        self.mine.job = k
+
+    def take(self, ck: Any, name: str) -> torch.Tensor | None:
+        """Tensor `name` of `ck`, prefetched for the calling worker's tensor, or None (read it directly)."""
+        k = getattr(self.mine, "job", None)
+        with self.cond:
+            got = self.inputs.get(k, {}).get((id(ck), name)) if k is not None else None
+            if not got:
+                return None
+            self.served += 1
+            return got.pop(0)
+
+    def end(self) -> None:
+        self.mine.job = None
+
+    def release(self, k: int) -> None:
+        """Tensor k is written: its buffers go back to the pool, its bytes to the budget."""
+        with self.cond:
+            self.used -= self.charge.pop(k, 0)
+            for buf in self.held.pop(k, []):
+                self.pool.give(buf)
+            self.inputs.pop(k, None)
             self.cond.notify_all()
 
     def close(self) -> None:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
-
-
-class BufferPool:
-    """Byte buffers handed out by size (the smallest free one that fits) and given back for reuse."""
-
-    def __init__(self) -> None:
-        self.free: list[torch.Tensor] = []
-        self.lock = threading.Lock()
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        with self.lock:
-            fits = [b for b in self.free if b.numel() >= nbytes]
-            if fits:
-                buf = min(fits, key=lambda b: b.numel())
-                self.free.remove(buf)
-                return buf
-            if self.free and sum(b.numel() for b in self.free) > 4 * nbytes:
-                self.free.remove(min(self.free, key=lambda b: b.numel()))  # keep the pool from hoarding
-        return torch.empty(max(nbytes, 1), dtype=torch.uint8)
-
-    def give(self, buf: torch.Tensor) -> None:
-        with self.lock:
-            self.free.append(buf)
-
-
-class ReadAhead:
-    """Reads each planned tensor's sources ahead of its turn. `take(ck, name)` hands a prefetched tensor
-    to the job (or None: read it directly); `done(k)` releases tensor k's buffers once it is written."""
-
-    def __init__(self, jobs: list[list[tuple[Any, str]]], budget: Budget, reserve: int, ahead: int = 8):
-        self.jobs, self.budget, self.reserve, self.ahead = jobs, budget, reserve, ahead
-        # how many more times each job may take each of its sources: a second read (e.g. a check after a
-        # NaN) goes to the file itself
-        self.left = [Counter((id(ck), name) for ck, name in srcs if hasattr(ck, "read_into")) for srcs in jobs]
-        self.pool = BufferPool()
-        self.ready: dict[tuple[int, str], list[torch.Tensor]] = {}
-        self.held: dict[int, list[tuple[torch.Tensor, int]]] = {}
-        self.cond = threading.Condition()
-        self.current = 0
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="merger-read-ahead", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            for k, sources in enumerate(self.jobs):
-                with self.cond:
-                    while k > self.current + self.ahead and not self.budget.closed:
-                        self.cond.wait()
-                for ck, name in sources:
-                    if self.budget.closed:
-                        return
-                    if not hasattr(ck, "read_into"):
-                        continue  # a LoRA view or pickled weights: the job reads them itself
-                    n = ck.nbytes(name)
-                    if not self.budget.take(n, self.reserve if k > self.current else 0):
-                        return
-                    buf = self.pool.take(n)
-                    t = ck.read_into(name, buf)
-                    with self.cond:
-                        self.ready.setdefault((id(ck), name), []).append(t)
-                        self.held.setdefault(k, []).append((buf, n))
-                        self.cond.notify_all()
-        except BaseException as e:  # handed to the main thread, which reads the tensor itself and fails there
-            with self.cond:
-                self.error = e
-                self.cond.notify_all()
-
-    def take(self, k: int, ck: Any, name: str) -> torch.Tensor | None:
-        """Tensor `name` of `ck` for job k: prefetched (waiting for the read if it is under way)."""
-        key = (id(ck), name)
-        if k >= len(self.left) or not self.left[k][key]:
-            return None
-        self.left[k][key] -= 1
-        with self.cond:
-            while not self.ready.get((id(ck), name)) and self.error is None and self.thread.is_alive():
-                self.cond.wait(0.5)
-            got = self.ready.get((id(ck), name))
-            return got.pop(0) if got else None
-
-    def advance(self, k: int) -> None:
-        with self.cond:
-            self.current = k
-            self.cond.notify_all()
-
-    def done(self, k: int) -> None:
-        for buf, n in self.held.pop(k, []):
-            self.pool.give(buf)
-            self.budget.give(n)
-
-    def close(self) -> None:
-        self.budget.close()
-        with self.cond:
-            self.cond.notify_all()
         self.thread.join(timeout=30)
 
 
 class Writer:
     """Writes (name, tensor) pairs in a thread, flushing each shard every SYNC_EVERY bytes; `then` runs
-    after each write (releasing the budget and the input buffers). The first error is re-raised."""
+    after each write (giving the tensor's memory back). The first error is re-raised."""
 
-    def __init__(self, shards: Any, budget: Budget):
-        self.shards, self.budget = shards, budget
+    def __init__(self, shards: Any):
+        self.shards = shards
         self.q: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.unsynced: dict[int, int] = {}

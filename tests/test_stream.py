@@ -15,7 +15,7 @@ import yaml
 from merger.io.writer import write_tensors
 from merger.pipeline import build_recipe, prepare
 from merger.recipe_file import load_recipe
-from merger.stream import Budget, BufferPool
+from merger.stream import BufferPool, ReadAhead
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
@@ -28,7 +28,12 @@ def test_overlapped_build_equals_the_serial_computation(path, demo_root, tmp_pat
     prepared = prepare(load_recipe(path), options, seed=7)
     for step in prepared.plan.prepare:
         step()
-    serial = {t.name: t.compute().to(t.dtype) for t in prepared.plan.tensors}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each merge worker computes: one core, so every sum in one order
+    try:
+        serial = {t.name: t.compute().to(t.dtype) for t in prepared.plan.tensors}
+    finally:
+        torch.set_num_threads(threads)
     (tmp_path / "serial").mkdir()
     write_tensors(tmp_path / "serial", serial, metadata=prepared.plan.metadata)
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "serial" / "model.safetensors").read_bytes()
@@ -60,25 +65,124 @@ def test_a_failing_tensor_stops_the_threads_and_leaves_nothing(tmp_path, tiny_mo
     assert not [t for t in threading.enumerate() if t.name.startswith("merger-")]
 
 
-def test_budget_blocks_until_bytes_are_given_back():
-    import threading
+def test_the_read_ahead_serves_every_read(tmp_path):
+    """Mixed tensor sizes (buffers reused for smaller tensors, reclaimed for larger ones): every input comes
+    from the read-ahead thread, none is read by the merge itself, and nothing failed on the way."""
+    from merger.execute import run_tensors
+    from merger.io.writer import ShardWriter, TensorSpec
 
-    b = Budget(100)
-    assert b.take(60)
-    got = []
-    t = threading.Thread(target=lambda: got.append(b.take(60)))
-    t.start()
-    t.join(0.2)
-    assert t.is_alive() and not got  # 60 + 60 > 100: waits
-    b.give(60)
-    t.join(5)
-    assert got == [True] and b.used == 60
-    b.give(60)
-    assert b.take(500) and b.used == 500  # a request larger than the limit still goes when nothing else is held
+    g = torch.Generator().manual_seed(0)
+    sizes = [(256, 64), (8,), (1024, 64), (64, 64), (8,), (512, 64)] * 3
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        write_tensors(tmp_path / name, {f"t{k}": torch.randn(s, generator=g) for k, s in enumerate(sizes)})
+        (tmp_path / name / "config.json").write_text("{}")
+    r = {"merge_method": "linear", "models": [{"model": str(tmp_path / n), "parameters": {"weight": 0.5}}
+                                             for n in ("a", "b")]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    plan = prepare(load_recipe(tmp_path / "r.yaml")).plan
+    (tmp_path / "out").mkdir()
+    specs = [TensorSpec(t.name, t.shape, t.dtype) for t in plan.tensors]
+    with ShardWriter(tmp_path / "out", specs) as shards:
+        limit = 3 * 1024 * 64 * 4  # tight: buffers must be trimmed for the large tensors
+        ahead = run_tensors(plan.tensors, shards, limit=limit, workers=2)
+        shards.finish()
+    assert ahead.error is None and ahead.served == 2 * len(sizes) and ahead.peak <= limit
+
+
+def test_any_number_of_workers_writes_the_same_bytes(tmp_path, tiny_models):
+    from typer.testing import CliRunner
+
+    from merger.cli import app
+
+    m = {k: str(v) for k, v in tiny_models.items()}
+    r = {"merge_method": "della", "base_model": m["base"], "parameters": {"epsilon": 0.1, "lambda": 1.1},
+         "models": [{"model": m[k], "parameters": {"weight": 0.6, "density": 0.5}} for k in ("ft_a", "ft_b")]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    outs = []
+    for n in (1, 2, 5):
+        res = CliRunner().invoke(app, ["build", str(tmp_path / "r.yaml"), str(tmp_path / f"out{n}"), "-q",
+                                       "--threads", str(n), "--random-seed", "3"])
+        assert res.exit_code == 0, res.stderr
+        outs.append((tmp_path / f"out{n}" / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1] == outs[2]
+
+
+class _Source:
+    """A checkpoint stand-in whose reads can be held back, to watch the read-ahead's admission."""
+
+    def __init__(self, sizes: dict[str, int]):
+        import threading
+
+        self.sizes, self.reads, self.gate = sizes, [], threading.Event()
+        self.gate.set()
+
+    def nbytes(self, name: str) -> int:
+        return self.sizes[name]
+
+    def read_into(self, name: str, buf: torch.Tensor) -> torch.Tensor:
+        self.gate.wait(5)
+        self.reads.append(name)
+        return buf[: self.sizes[name]].fill_(len(name))
+
+
+def test_the_read_ahead_admits_in_order_within_the_budget():
+    import time
+
+    src = _Source({"a": 400, "b": 400, "c": 900, "d": 100})
+    jobs = [([(src, n)], 100) for n in ("a", "b", "c", "d")]
+    ahead = ReadAhead(jobs, limit=1000, ahead=4)
+    ahead.start()
+    try:
+        time.sleep(0.2)
+        # a (500) and b (500) fit in 1000; c (1000) must wait for both, and d, though small, waits behind c
+        assert src.reads == ["a", "b"] and ahead.used == 1000
+        assert ahead.claim() == 0
+        ahead.begin(0)
+        assert ahead.take(src, "a").tolist() == [1] * 400 and ahead.take(src, "a") is None  # then: read it
+        ahead.end()
+        ahead.release(0)
+        time.sleep(0.2)
+        assert src.reads == ["a", "b"]  # c still does not fit beside b
+        ahead.release(1)
+        time.sleep(0.2)
+        assert src.reads == ["a", "b", "c"] and ahead.used == 1000
+        ahead.release(2)
+        time.sleep(0.2)
+        assert src.reads == ["a", "b", "c", "d"] and ahead.peak <= 1000
+        assert ahead.error is None and ahead.served == 1
+    finally:
+        ahead.close()
+    assert not ahead.thread.is_alive()
+
+
+def test_a_tensor_larger_than_the_budget_still_goes_alone():
+    src = _Source({"big": 5000, "small": 10})
+    ahead = ReadAhead([([(src, "big")], 5000), ([(src, "small")], 10)], limit=1000, ahead=2)
+    ahead.start()
+    try:
+        for k in (0, 1):
+            assert ahead.claim() == k
+            ahead.begin(k)
+            assert ahead.take(src, ("big", "small")[k]) is not None
+            ahead.end()
+            ahead.release(k)
+        assert ahead.claim() is None and ahead.used == 0 and ahead.served == 2
+    finally:
+        ahead.close()
+
+
+def test_the_pool_reuses_buffers_by_size_and_trims_the_largest():
     pool = BufferPool()
-    buf = pool.take(1000)
-    pool.give(buf)
-    assert pool.take(800).data_ptr() == buf.data_ptr()  # reused, not a fresh (page-faulting) allocation
+    small, big = torch.empty(100, dtype=torch.uint8), torch.empty(1000, dtype=torch.uint8)
+    pool.give(small)
+    pool.give(big)
+    assert pool.idle_bytes == 1100
+    assert pool.take(100).data_ptr() == small.data_ptr()  # reused, not a fresh (page-faulting) allocation
+    assert pool.take(100) is None and pool.take(999) is None
+    pool.give(small)
+    pool.drop_largest()
+    assert pool.idle_bytes == 100 and pool.take(1000) is None
 
 
 @pytest.mark.slow

@@ -155,7 +155,7 @@ class Checkpoint:
         the file is unmapped, so a merge would grow to all its inputs. While a plan runs, the tensor may
         come from the read-ahead: then it lives in a pooled buffer until the output it feeds is written."""
         if self.read_ahead is not None:
-            t = self.read_ahead.take(self.read_ahead.current, self, name)
+            t = self.read_ahead.take(self, name)
             if t is not None:
                 return t
         real = self._resolve(name)

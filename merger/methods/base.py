@@ -21,7 +21,8 @@ class NoParams(BaseModel):
 class MergeContext:
     """What a method may know besides the tensors: the output name, a seeded generator (on the CPU, so
     draws do not depend on the device), the dtype and the device the tensors are on. The input tensors
-    are the method's only for the call: return a new tensor (or one of them), keep no reference."""
+    are the method's only for the call: return a new tensor (or one of them), keep no reference. Calls
+    for different tensors may run at the same time in different threads."""
 
     name: str
     generator: torch.Generator

@@ -1,6 +1,8 @@
 """Whole-tensor reductions (dot product, L2 and L1 norms) that stay accurate on tensors of
 hundreds of millions of elements and allocate only small temporaries: they run chunk by chunk
-in float32 (float64 for float64 inputs) and accumulate the chunks in a Python float."""
+in float32 (float64 for float64 inputs) and accumulate the chunks in a Python float. A chunk is
+summed by torch's own reduction, not a BLAS dot: BLAS sums in an order that depends on the data's
+address and the calling thread, so a merge would differ in its last bits between runs."""
 from __future__ import annotations
 
 import math
@@ -21,7 +23,7 @@ def _chunks(*tensors: torch.Tensor):
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> float:
     """Σ a·b over all elements."""
-    return math.fsum(float(torch.dot(x, y)) for x, y in _chunks(a, b))
+    return math.fsum(float((x * y).sum()) for x, y in _chunks(a, b))
 
 
 def norm(a: torch.Tensor) -> float:
