@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,7 +17,13 @@ from merger import synth
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 # Derived files (GGUF conversions, the compiled engine kernels) go to a fresh folder, not the user's cache.
-os.environ["MERGER_CACHE"] = tempfile.mkdtemp(prefix="merger-test-cache-")
+_TEST_CACHE = tempfile.mkdtemp(prefix="merger-test-cache-")
+os.environ["MERGER_CACHE"] = _TEST_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The run's cache goes with it (every run made a new one, and kept it, before)."""
+    shutil.rmtree(_TEST_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

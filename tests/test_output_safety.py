@@ -240,7 +240,8 @@ def test_kill_9_at_any_moment_leaves_the_old_output_or_the_new_one(tmp_path, slo
 @pytest.mark.slow
 def test_two_builds_into_one_new_folder_cannot_both_win(tmp_path, slow):
     out = tmp_path / "o"
-    procs = [_cli("build", str(slow[0]), str(out), "-q") for _ in range(2)]
+    # ~1 s of tensor work even on two workers: the second start-up lands inside the first build
+    procs = [_cli("build", str(slow[0]), str(out), "-q", env={"SLOW_SECONDS": "0.05"}) for _ in range(2)]
     codes = [p.wait(120) for p in procs]
     errs = [p.stderr.read().decode() for p in procs]
     assert sorted(codes) == [0, 1], errs
