@@ -1,15 +1,22 @@
-"""transformers vs merger's engine, in one process, on the same synthetic checkpoints: a dense Llama and
+"""transformers (and llama.cpp) vs merger's engine on the same synthetic checkpoints: a dense Llama and
 a Mixtral-layout MoE made of it (each expert = the dense MLP plus seeded noise), bf16 and fp32, batch 1.
 With --family, one synthetic model of that family instead, built by transformers' own config and model
 classes (seeded random init, saved in bf16): qwen2, qwen3, qwen3_moe, gemma2, gemma3, phi3.
 
-Prints prefill and decode tokens/s of both, the ratios, end-to-end time, and the memory-bandwidth floor
-of decode (bytes of weights one token reads / a read bandwidth measured here). Decode is memory-bound in
-both engines, so the end-to-end ratio depends on the mix of --prompt-tokens and --new-tokens. In bf16 the
-two engines round differently, and a random model's near-tied logits then pick different greedy tokens.
+With --checkpoint DIR (repeatable), those folders instead. With --llama-cpp, llama.cpp too, through
+llama-cpp-python in the interpreter --llama-cpp-python names (a venv of its own; "baseline not installed"
+when none imports it), on GGUFs from --gguf-dir or made by llama.cpp's own --convert-script.
+
+Prints medians (and ranges) over --repeat rounds taken in turn, of prefill tokens/s for each --prefill
+length timed alone and of decode tokens/s, the ratios, and the memory-bandwidth floor of decode (bytes of
+weights one token reads / a read bandwidth measured here); --load N decodes again beside N CPU-bound
+nice-19 processes and reports it against quiet. In bf16 the engines round differently, and a random
+model's near-tied logits then pick different greedy tokens.
     python3 bench/generate.py                    # hidden 2048, 6 layers, 4 experts top-2, 128 + 32 tokens
     python3 bench/generate.py --hidden 1024 --intermediate 2816 --layers 8 --prompt-tokens 512
     python3 bench/generate.py --family gemma2 --hidden 256 --intermediate 512 --layers 2 --vocab 1024
+    python3 bench/generate.py --checkpoint ./smollm2 --llama-cpp --llama-cpp-python /venv/bin/python \
+        --convert-script llama.cpp/convert_hf_to_gguf.py --prefill 128,512 --new-tokens 64 --load 2
 """
 from __future__ import annotations
 
@@ -17,6 +24,9 @@ import argparse
 import gc
 import json
 import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +34,7 @@ from pathlib import Path
 import torch
 
 from merger import synth
-from merger.engine import native, weights
+from merger.engine import calibrate, native, step, weights
 from merger.engine.generate import generate_ids
 from merger.engine.model import load_model
 from merger.io.dtypes import parse_dtype
@@ -147,26 +157,37 @@ def decode_bytes(model) -> int:
     return total
 
 
-def ours_runner(path: Path, dtype: torch.dtype, prompt: list[int], new: int):
-    """Load the engine's model; return a function doing one timed run, and the model's decode bytes."""
+def _prefill_and_decode(run_one, tokens: list[int], lengths: list[int], prompt_len: int, new: int) -> dict:
+    """One round for an engine: prefill alone of the first n tokens for each length, then a decode of `new`
+    tokens after the first prompt_len. run_one(ids, n) -> (new ids, prefill s, decode s)."""
+    out: dict = {"prefill": {}}
+    for n in lengths:
+        _, prefill_s, _ = run_one(tokens[:n], 1)
+        out["prefill"][n] = n / prefill_s
+    ids, prefill_s, decode_s = run_one(tokens[:prompt_len], new)
+    out.update(decode=(len(ids) - 1) / decode_s, ids=ids)
+    return out
+
+
+def ours_runner(path: Path, dtype: torch.dtype, tokens: list[int], lengths: list[int], prompt_len: int, new: int):
+    """Load the engine's model; return a function doing one timed round, the model's decode bytes, and whether
+    decode runs as one native call per token."""
     model = load_model(path, dtype)
-    generate_ids(model, prompt[:8], 3)  # warm-up: first-call allocations, oneDNN primitive caches
+    generate_ids(model, tokens[:8], 3)  # warm-up: first-call allocations, oneDNN primitive caches
 
-    def run() -> tuple[float, float, float, list[int]]:
-        t = time.perf_counter()
-        ids, prefill_s, decode_s = generate_ids(model, prompt, new)
-        return prefill_s, decode_s, time.perf_counter() - t, ids
+    def run() -> dict:
+        return _prefill_and_decode(lambda ids, n: generate_ids(model, ids, n), tokens, lengths, prompt_len, new)
 
-    return run, decode_bytes(model)
+    return run, decode_bytes(model), step.unsupported(model, 1) is None
 
 
-def hf_runner(path: Path, dtype: torch.dtype, prompt: list[int], new: int, experts_impl: str | None):
+def hf_runner(path: Path, dtype: torch.dtype, tokens: list[int], lengths: list[int], prompt_len: int, new: int,
+              experts_impl: str | None):
     import transformers
 
     kw = {"experts_implementation": experts_impl} if experts_impl else {}
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).eval()
     model.generation_config.eos_token_id = None  # both engines run the full length
-    x = torch.tensor([prompt])
     stamps: list[float] = []
 
     class Stamp(transformers.LogitsProcessor):
@@ -175,26 +196,132 @@ def hf_runner(path: Path, dtype: torch.dtype, prompt: list[int], new: int, exper
             stamps.append(time.perf_counter())
             return scores
 
-    def run() -> tuple[float, float, float, list[int]]:
+    def run_one(ids: list[int], n: int) -> tuple[list[int], float, float]:
         stamps.clear()
+        x = torch.tensor([ids])
         t = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(x, do_sample=False, max_new_tokens=new, pad_token_id=0,
+            out = model.generate(x, do_sample=False, max_new_tokens=n, pad_token_id=0,
+                                 attention_mask=torch.ones_like(x),
                                  logits_processor=transformers.LogitsProcessorList([Stamp()]))
-        total = time.perf_counter() - t
-        return stamps[0] - t, stamps[-1] - stamps[0], total, out[0, len(prompt):].tolist()
+        return out[0, len(ids):].tolist(), stamps[0] - t, stamps[-1] - stamps[0]
 
-    with torch.inference_mode():
-        model.generate(x[:, :8], do_sample=False, max_new_tokens=3, pad_token_id=0)
-    return run
+    run_one(tokens[:8], 3)
+    return lambda: _prefill_and_decode(run_one, tokens, lengths, prompt_len, new)
 
 
-def _best(runs: list[tuple[float, float, float, list[int]]], prompt_len: int) -> dict:
-    """Fastest of the repeats for each phase: the machine may be shared, noise only ever adds time."""
-    prefill_s, decode_s, total_s = (min(r[i] for r in runs) for i in range(3))
-    steps = len(runs[0][3]) - 1
-    return {"prefill_tps": prompt_len / prefill_s, "decode_tps": steps / decode_s, "total_s": total_s,
-            "ids": runs[0][3]}
+# llama.cpp through llama-cpp-python, in the interpreter that has it (it needs no torch): a worker that loads
+# the GGUF once, then runs one round per line on stdin and answers with one JSON line
+LLAMA_WORKER = r"""
+import json, sys, time
+import llama_cpp
+a = json.loads(sys.argv[1])
+llm = llama_cpp.Llama(model_path=a["gguf"], n_threads=a["threads"], n_threads_batch=a["threads"], n_ctx=a["ctx"],
+                      n_batch=512, n_ubatch=512, verbose=False)
+prompt = a["prompt"]
+
+def timed_eval(ids):
+    t = time.perf_counter()
+    llm.eval(ids)
+    return time.perf_counter() - t
+
+def one_round():
+    out = {"prefill": {}}
+    for n in a["lengths"]:
+        llm.reset()
+        out["prefill"][n] = n / timed_eval(prompt[:n])
+    llm.reset()
+    llm.eval(prompt[:a["prompt_len"]])
+    tok, t = 3, time.perf_counter()
+    for _ in range(a["new"] - 1):  # one token at a time, as a decode does (llama-bench's tg)
+        llm.eval([tok])
+        tok = int(max(range(len(llm.scores[llm.n_tokens - 1])), key=llm.scores[llm.n_tokens - 1].__getitem__)) \
+            if a["sample"] else tok
+    out["decode"] = (a["new"] - 1) / (time.perf_counter() - t)
+    return out
+
+one_round()
+print(json.dumps({"ready": llama_cpp.__version__}), flush=True)
+for line in sys.stdin:
+    print(json.dumps(one_round()), flush=True)
+"""
+
+
+def find_llama_python(given: str | None) -> str | None:
+    """An interpreter that imports llama_cpp: the one given, else this one; None if neither does."""
+    for python in ([given] if given else []) + [sys.executable]:
+        ok = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode == 0
+        if ok:
+            return python
+    return None
+
+
+def gguf_for(path: Path, dtype: torch.dtype, a: argparse.Namespace) -> Path | None:
+    """The checkpoint as a GGUF of this dtype for llama.cpp: from --gguf-dir (NAME-bf16.gguf / NAME-f32.gguf),
+    else converted once by llama.cpp's convert_hf_to_gguf.py (--convert-script) into the workdir."""
+    kind = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}[dtype]
+    name = f"{path.name}-{kind}.gguf"
+    for folder in ([a.gguf_dir] if a.gguf_dir else []) + [a.workdir / "gguf"]:
+        if (folder / name).is_file():
+            return folder / name
+    if not a.convert_script:
+        return None
+    out = a.workdir / "gguf" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    script = Path(a.convert_script)
+    env = {**os.environ, "PYTHONPATH": str(script.parent / "gguf-py")}
+    done = subprocess.run([a.convert_python or sys.executable, str(script), str(path), "--outtype", kind,
+                           "--outfile", str(out)], env=env, capture_output=True, text=True)
+    if done.returncode:
+        print(f"  llama.cpp: converting {path} failed: {done.stderr.strip().splitlines()[-1:]}")
+        return None
+    return out
+
+
+class LlamaRunner:
+    """One llama.cpp worker process per checkpoint and dtype, run in turn with the other engines."""
+
+    def __init__(self, python: str, gguf: Path, tokens: list[int], lengths: list[int], prompt_len: int, new: int,
+                 threads: int):
+        args = {"gguf": str(gguf), "threads": threads, "ctx": max(lengths + [prompt_len]) + new + 8,
+                "prompt": tokens, "prompt_len": prompt_len, "lengths": lengths, "new": new, "sample": False}
+        self.proc = subprocess.Popen([python, "-c", LLAMA_WORKER, json.dumps(args)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        self.version = json.loads(self.proc.stdout.readline())["ready"]
+
+    def __call__(self) -> dict:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        out = json.loads(self.proc.stdout.readline())
+        out["prefill"] = {int(k): v for k, v in out["prefill"].items()}
+        return out
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+class Load:
+    """`count` CPU-bound processes at nice 19 beside the benchmark, for as long as the with-block runs."""
+
+    def __init__(self, count: int):
+        self.count, self.procs = count, []
+
+    def __enter__(self):
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                                       preexec_fn=lambda: os.setpriority(os.PRIO_PROCESS, 0, 19))
+                      for _ in range(self.count)]
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
+def _stats(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
 
 
 def main() -> None:
@@ -205,64 +332,120 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=128, help="prompt before the timed decode")
+    ap.add_argument("--prefill", default=None, help="prefill lengths timed alone, e.g. 128,512 "
+                                                    "(default: --prompt-tokens)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--models", default="dense,moe")
     ap.add_argument("--family", choices=sorted(FAMILIES), default=None,
                     help="one synthetic model of this family instead of the dense Llama and its MoE")
+    ap.add_argument("--checkpoint", type=Path, action="append", default=[],
+                    help="a checkpoint folder to time instead of the synthetic ones (repeatable)")
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--hf-experts", default=None, help="transformers experts_implementation (default: its own)")
-    ap.add_argument("--repeat", type=int, default=2, help="runs per engine; the fastest counts")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds per engine, taken in turn; medians reported")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--llama-cpp", action="store_true", help="time llama.cpp (llama-cpp-python) in the same run")
+    ap.add_argument("--llama-cpp-python", default=None, help="an interpreter with llama_cpp (another venv)")
+    ap.add_argument("--gguf-dir", type=Path, default=None, help="GGUFs named NAME-bf16.gguf / NAME-f32.gguf")
+    ap.add_argument("--convert-script", default=None, help="llama.cpp's convert_hf_to_gguf.py, to make them")
+    ap.add_argument("--convert-python", default=None, help="the interpreter for --convert-script")
+    ap.add_argument("--load", type=int, default=0, metavar="N",
+                    help="decode again beside N CPU-bound processes at nice 19, and report it against quiet")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "merger-bench-engine")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; building checkpoints in {a.workdir}")
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads; building checkpoints in {a.workdir}")
     print(native.status())
-    paths = make_family_model(a.workdir, a) if a.family else make_models(a.workdir, a)
-    kinds = list(paths) if a.family else a.models.split(",")
+    if a.checkpoint:
+        paths = {p.name: p for p in a.checkpoint}
+        kinds = list(paths)
+    else:
+        paths = make_family_model(a.workdir, a) if a.family else make_models(a.workdir, a)
+        kinds = list(paths) if a.family else a.models.split(",")
+    lengths = [int(n) for n in (a.prefill or str(a.prompt_tokens)).split(",")]
+    llama_python = None
+    if a.llama_cpp:
+        llama_python = find_llama_python(a.llama_cpp_python)
+        if llama_python is None:
+            print("llama.cpp: baseline not installed (no interpreter imports llama_cpp; pass --llama-cpp-python)")
+    print(calibrate.describe())
     bw = read_bandwidth()
     print(f"measured read bandwidth: {bw / 1e9:.1f} GB/s; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores (other processes skew every figure)")
-    prompt = torch.randint(3, 512, (a.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    top = max(lengths + [a.prompt_tokens])
+    vocab = min(json.loads((paths[k] / "config.json").read_text())["vocab_size"] for k in kinds)
+    tokens = torch.randint(3, min(vocab, 512), (top,), generator=torch.Generator().manual_seed(1)).tolist()
     for kind in kinds:
         for dname in a.dtypes.split(","):
             dtype = parse_dtype(dname)
-            # both engines loaded side by side and run alternately, so load from other processes
-            # hits both alike; the fastest of the repeats counts for each
-            run_ours, nbytes = ours_runner(paths[kind], dtype, prompt, a.new_tokens)
-            run_hf = None if a.skip_hf else hf_runner(paths[kind], dtype, prompt, a.new_tokens, a.hf_experts)
-            runs_ours, runs_hf = [], []
+            # the engines loaded side by side and run in turn, so load from other processes hits all alike
+            run_ours, nbytes, stepped = ours_runner(paths[kind], dtype, tokens, lengths, a.prompt_tokens,
+                                                    a.new_tokens)
+            runners = {"ours": run_ours}
+            if not a.skip_hf:
+                runners["transformers"] = hf_runner(paths[kind], dtype, tokens, lengths, a.prompt_tokens,
+                                                    a.new_tokens, a.hf_experts)
+            llama = None
+            if llama_python is not None:
+                gguf = gguf_for(paths[kind], dtype, a)
+                if gguf is None:
+                    print(f"  llama.cpp: no GGUF for {kind} {dname} (give --gguf-dir or --convert-script)")
+                else:
+                    llama = runners["llama.cpp"] = LlamaRunner(llama_python, gguf, tokens, lengths,
+                                                               a.prompt_tokens, a.new_tokens, threads)
+            rounds: dict[str, list[dict]] = {name: [] for name in runners}
             for _ in range(a.repeat):
-                runs_ours.append(run_ours())
-                if run_hf is not None:
-                    runs_hf.append(run_hf())
-            ours = {**_best(runs_ours, len(prompt)), "bytes": nbytes}
-            hf = _best(runs_hf, len(prompt)) if runs_hf else None
-            del run_ours, run_hf
+                for name, run in runners.items():
+                    rounds[name].append(run())
+            loaded: dict[str, list[dict]] = {}
+            if a.load:
+                with Load(a.load):
+                    for _ in range(a.repeat):
+                        for name in ("ours", "llama.cpp"):
+                            if name in runners:
+                                loaded.setdefault(name, []).append(runners[name]())
+            if llama is not None:
+                llama.close()
+            del run_ours, runners
             gc.collect()
             bw = max(bw, read_bandwidth())  # the best read seen so far is the roof
-            floor_tps = bw / ours["bytes"]
-            same = "-" if hf is None else sum(x == y for x, y in zip(ours["ids"], hf["ids"]))
-            _print_row(kind, dname, ours, hf, floor_tps, same, a.new_tokens)
+            _print_rows(kind, dname, rounds, loaded, nbytes, bw, a, stepped)
 
 
-def _print_row(kind: str, dname: str, ours: dict, hf: dict | None, floor_tps: float, same, n: int) -> None:
-    def ratio(key: str, inverse: bool = False) -> str:
-        if hf is None:
-            return "-"
-        return f"{(hf[key] / ours[key]) if inverse else (ours[key] / hf[key]):.2f}x"
+def _print_rows(kind: str, dname: str, rounds: dict[str, list[dict]], loaded: dict[str, list[dict]], nbytes: int,
+                bw: float, a: argparse.Namespace, stepped: bool) -> None:
+    floor = bw / nbytes
+    print(f"\n[{kind} {dname}] decode reads {nbytes / 1e9:.3f} GB/token; floor {floor:.1f} tok/s; "
+          f"decode {'one native call per token' if stepped else 'per op'}; medians (range) of {a.repeat} rounds")
+    names = list(rounds)
+    lengths = sorted(rounds["ours"][0]["prefill"])
 
-    hf_v = (lambda k: f"{hf[k]:.1f}") if hf else (lambda k: "-")
-    print(f"\n[{kind} {dname}] decode reads {ours['bytes'] / 1e9:.2f} GB/token; floor {floor_tps:.1f} tok/s")
-    print(f"  prefill tok/s  ours {ours['prefill_tps']:8.1f}  transformers {hf_v('prefill_tps'):>8}  "
-          f"ratio {ratio('prefill_tps')}")
-    print(f"  decode  tok/s  ours {ours['decode_tps']:8.2f}  transformers {hf_v('decode_tps'):>8}  "
-          f"ratio {ratio('decode_tps')}  ({100 * ours['decode_tps'] / floor_tps:.0f}% of the bandwidth floor)")
-    print(f"  end-to-end s   ours {ours['total_s']:8.2f}  transformers {hf_v('total_s'):>8}  "
-          f"ratio {ratio('total_s', inverse=True)}  (greedy tokens equal: {same}/{n})")
+    def row(label: str, pick) -> None:
+        cells, med = [], {}
+        for name in names:
+            m, lo, hi = _stats([pick(r) for r in rounds[name]])
+            med[name] = m
+            cells.append(f"{name} {m:7.1f} ({lo:.0f}-{hi:.0f})")
+        ratios = "  ".join(f"ours/{n} {med['ours'] / med[n]:.2f}x" for n in names[1:])
+        print(f"  {label:13s} " + "  ".join(cells) + ("  " + ratios if ratios else ""))
+
+    for n in lengths:
+        row(f"prefill {n}", lambda r, n=n: r["prefill"][n])
+    row("decode tok/s", lambda r: r["decode"])
+    ours = statistics.median(r["decode"] for r in rounds["ours"])
+    print(f"  decode at {100 * ours / floor:.0f}% of the bandwidth floor")
+    if "transformers" in rounds:
+        same = sum(x == y for x, y in zip(rounds["ours"][0]["ids"], rounds["transformers"][0]["ids"]))
+        print(f"  greedy tokens equal to transformers': {same}/{a.new_tokens}")
+    for name, rs in loaded.items():
+        m, lo, hi = _stats([r["decode"] for r in rs])
+        quiet = statistics.median(r["decode"] for r in rounds[name])
+        print(f"  under load ({a.load} x nice 19): {name} decode {m:.1f} ({lo:.0f}-{hi:.0f}) tok/s, "
+              f"{100 * m / quiet:.0f}% of quiet")
 
 
 if __name__ == "__main__":

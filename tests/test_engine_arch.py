@@ -74,7 +74,8 @@ def test_kv_cache_decode_equals_full_forward(models, name):
     model.setup_cache(2, 24)
     steps = [model(seq[:, :9], start_pos=0), model(seq[:, 9:13], start_pos=9)]  # prefill, then a masked chunk
     steps += [model(seq[:, i:i + 1], start_pos=i) for i in range(13, 24)]
-    assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    # float32 attention summed in another order by the native one-query kernel than by SDPA: ~1e-5 apart
+    assert_close(torch.cat(steps, dim=1), full, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from merger.engine import native
+from merger.engine import calibrate, native
 from merger.engine.matmul import BLOCKED_MIN_ROWS, linear
 
 BUILDABLE = (shutil.which("cc") or shutil.which("gcc")) is not None and \
@@ -27,8 +27,10 @@ def fresh_native(tmp_path, monkeypatch):
     """A clean build state: its own cache folder, the per-process memo cleared before and after."""
     monkeypatch.setenv("MERGER_CACHE", str(tmp_path / "cache"))
     native._library.cache_clear()
+    calibrate.choices.cache_clear()
     yield
     native._library.cache_clear()
+    calibrate.choices.cache_clear()
 
 
 @pytest.fixture
@@ -64,7 +66,7 @@ def test_kernels_are_built_where_a_compiler_and_avx2_exist(fresh_native, tmp_pat
         assert native.gemv_kernel(dtype) is not None, native.status()
         assert native.gemm_kernel(dtype) is not None
         assert native.rmsnorm_kernel(dtype) is not None
-    assert native.attend_kernel(torch.float32) is not None
+        assert native.attend_kernel(dtype) is not None and native.step_kernel(dtype) is not None
     assert native.gemv_kernel(torch.int8) is None
     assert list((tmp_path / "cache" / "kernels").glob("cpu_kernels-*.so"))
     assert native.status().startswith("native CPU kernels: on")
@@ -89,18 +91,21 @@ def _float32_close(out: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 7])
 @pytest.mark.parametrize("n,k", [(37, 29), (130, 1000), (9, 8), (4, 2055)])
-def test_gemv_equals_float64_math(lib, dtype, rows, n, k):
+@pytest.mark.parametrize("side_from", [0, calibrate.NEVER], ids=["side by side", "one after another"])
+def test_gemv_equals_float64_math(lib, dtype, rows, n, k, side_from):
+    """Both ways of walking the weight rows, whichever calibrate.py picks on this machine."""
     kernel = native.gemv_kernel(dtype)
     x, w, b, ref = _case(dtype, rows, n, k)
-    out = native.gemv(x, w, kernel, b, out_dtype=torch.float32)
+    out = native.gemv(x, w, kernel, b, torch.float32, side_from)
     _float32_close(out, ref)
     # in the model dtype: one rounding of the float32 result
-    assert_close(native.gemv(x, w, kernel, b, out_dtype=dtype), out.to(dtype), atol=0, rtol=0)
-    assert_close(native.gemv(x, w, kernel, out_dtype=torch.float32), out - b.float(), atol=1e-5, rtol=1e-5)
+    assert_close(native.gemv(x, w, kernel, b, dtype, side_from), out.to(dtype), atol=0, rtol=0)
+    assert_close(native.gemv(x, w, kernel, None, torch.float32, side_from), out - b.float(), atol=1e-5, rtol=1e-5)
     # float32 input with half weights and the other way round (the kernel widens x itself)
     other = torch.float32 if dtype != torch.float32 else torch.bfloat16
     xo = x.to(other)
-    _float32_close(native.gemv(xo, w, kernel, b, out_dtype=torch.float32), xo.double() @ w.double().t() + b.double())
+    _float32_close(native.gemv(xo, w, kernel, b, torch.float32, side_from),
+                   xo.double() @ w.double().t() + b.double())
 
 
 # rows around the 16-token tile and the 256-token chunk, n around the 6-row strip and the 8-strip block
@@ -163,22 +168,28 @@ def test_rmsnorm_equals_torch(lib, dtype, shape):
         native.rmsnorm(x, w[:-1], 1e-5, kernel)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bsz,heads,kv_heads,keys,dim", [(1, 16, 4, 300, 128), (2, 8, 8, 1, 64), (1, 6, 2, 37, 20),
-                                                          (3, 4, 1, 2000, 8)])
-def test_one_query_attention_equals_sdpa(lib, bsz, heads, kv_heads, keys, dim):
-    """Keys and values as the KV cache hands them over: views of a longer buffer, query heads grouped."""
-    kernel = native.attend_kernel(torch.float32)
+                                                          (3, 4, 1, 2000, 8), (1, 9, 3, 129, 64)])
+def test_one_query_attention_equals_float64_math(lib, dtype, bsz, heads, kv_heads, keys, dim):
+    """Keys and values as the KV cache hands them over, in its dtype (bf16 and fp16 read as stored): views of a
+    longer buffer, query heads grouped, more keys than one 128-key block."""
+    kernel = native.attend_kernel(dtype)
     g = torch.Generator().manual_seed(keys)
-    cache_k, cache_v = (torch.randn(bsz, kv_heads, keys + 9, dim, generator=g) * 2 for _ in range(2))
+    cache_k, cache_v = ((torch.randn(bsz, kv_heads, keys + 9, dim, generator=g) * 2).to(dtype) for _ in range(2))
     k, v = cache_k[:, :, :keys], cache_v[:, :, :keys]
     q = torch.randn(bsz, dim, heads, generator=g).transpose(1, 2)  # not contiguous, as the model's q
     out = native.attend(q, k, v, dim ** -0.5, kernel)
-    ref = F.scaled_dot_product_attention(q[:, :, None], k, v, scale=dim ** -0.5, enable_gqa=True)[:, :, 0]
-    assert out.shape == (bsz, heads, dim)
-    assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    kd, vd = (t.double().repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+    p = torch.softmax(torch.einsum("bhd,bhsd->bhs", q.double(), kd) * dim ** -0.5, dim=-1)
+    ref = torch.einsum("bhs,bhsd->bhd", p, vd)
+    assert out.shape == (bsz, heads, dim) and out.dtype == torch.float32
+    assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="do not fit"):
         native.attend(q, k, v.contiguous(), dim ** -0.5, kernel)  # strides that differ from k's
-    assert native.attend_kernel(torch.bfloat16) is None  # a half-precision cache stays on SDPA
+    with pytest.raises(ValueError, match="do not fit"):  # the kernel of another cache dtype
+        native.attend(q, k, v, dim ** -0.5, native.attend_kernel(torch.float32 if dtype != torch.float32
+                                                                  else torch.bfloat16))
 
 
 def test_empty_inner_dimension_gives_the_bias(lib):
@@ -272,6 +283,7 @@ def test_disabled_by_environment(fresh_native, monkeypatch):
     monkeypatch.setenv("MERGER_NATIVE", "0")
     assert native.gemv_kernel(torch.bfloat16) is None and native.gemm_kernel(torch.bfloat16) is None
     assert native.rmsnorm_kernel(torch.float32) is None and native.attend_kernel(torch.float32) is None
+    assert native.step_kernel(torch.bfloat16) is None
     assert native.status() == "native CPU kernels: off (disabled by MERGER_NATIVE=0)"
 
 

@@ -1,13 +1,15 @@
 /* The engine's CPU kernels for AVX2 + FMA + F16C: matmuls over bf16, fp16 or fp32 weights with float32
- * math, and RMSNorm and one-query attention for decode. Built and loaded by native.py; work is split across
- * OpenMP threads (the runtime torch already loaded, so no second pool). Weights W are [N, K] row-major with
- * row stride ldw (elements).
+ * math, RMSNorm, one-query attention, and the whole decode step. Built and loaded by native.py; work is split
+ * across OpenMP threads (the runtime torch already loaded, so no second pool). Weights W are [N, K] row-major
+ * with row stride ldw (elements).
  *
  * gemv: Y[m, n] = sum_k X[m, k] * W[n, k] (+ bias) for a few rows m (decode), bound by how fast W is read.
  *   Each weight element is widened to float32 in registers and used for all M rows while it is in L1; X
  *   and Y may be any of the three types, so a decode matmul is one call.
  * gemm: the same for many rows (prefill), bound by FMA throughput; X float32, Y any type. Weights are
  *   widened while packed into L2-sized blocks: no float32 copy of W.
+ * attend: one query per head over a KV cache of any of the three types, read as stored.
+ * step: one token of a batch-1 decode through every layer and the logits, in one call (see its section).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -107,10 +109,12 @@ static inline void put(const gemv_out *o, long m, long n, float v) {
         store1(o->Y, i, v, BF16);
 }
 
-/* dot products of `rows` (<= ROWS) consecutive weight rows n.. with one float32 vector x (row m) */
-static inline __attribute__((always_inline)) void dot_rows(const void *w, long ldw, long rows, const float *x,
-                                                           long K, const gemv_out *o, long m, long n,
-                                                           const int kind) {
+/* s[r] = dot product of weight row r (< rows <= ROWS) with the float32 vector x, summed in float32.
+ * Two ways to walk the rows: one after another (one sequential stream, which the hardware prefetcher
+ * follows), or all ROWS side by side (each element of x loaded once for ROWS rows, the next ROWS rows
+ * prefetched). */
+static inline __attribute__((always_inline)) void dots_side(const void *w, long ldw, long rows, const float *x,
+                                                            long K, float *s, const int kind) {
     __m256 a[ROWS], b[ROWS];
     for (int r = 0; r < ROWS; r++)
         a[r] = b[r] = _mm256_setzero_ps();
@@ -131,18 +135,59 @@ static inline __attribute__((always_inline)) void dot_rows(const void *w, long l
             a[r] = _mm256_fmadd_ps(load8(w, r * ldw + k, kind), x0, a[r]);
     }
     for (long r = 0; r < rows; r++) {
-        float s = hsum(_mm256_add_ps(a[r], b[r]));
+        s[r] = hsum(_mm256_add_ps(a[r], b[r]));
         for (long j = k; j < K; j++)
-            s += load1(w, r * ldw + j, kind) * x[j];
-        put(o, m, n + r, s);
+            s[r] += load1(w, r * ldw + j, kind) * x[j];
     }
+}
+
+static inline __attribute__((always_inline)) void dots_seq(const void *w, long ldw, long rows, const float *x,
+                                                           long K, float *s, const int kind) {
+    for (long r = 0; r < rows; r++) {
+        const void *row = at(w, r * ldw, kind);
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        long k = 0;
+        for (; k + 32 <= K; k += 32) {
+            a0 = _mm256_fmadd_ps(load8(row, k, kind), _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(load8(row, k + 8, kind), _mm256_loadu_ps(x + k + 8), a1);
+            a2 = _mm256_fmadd_ps(load8(row, k + 16, kind), _mm256_loadu_ps(x + k + 16), a2);
+            a3 = _mm256_fmadd_ps(load8(row, k + 24, kind), _mm256_loadu_ps(x + k + 24), a3);
+        }
+        for (; k + 8 <= K; k += 8)
+            a0 = _mm256_fmadd_ps(load8(row, k, kind), _mm256_loadu_ps(x + k), a0);
+        s[r] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        for (; k < K; k++)
+            s[r] += load1(row, k, kind) * x[k];
+    }
+}
+
+/* Which is faster depends on the CPU and K (2-core EPYC, bf16: one after another 36-45 GB/s against 23-35 for
+ * K <= 2048, 20-22 against 34-37 for K >= 5632), so calibrate.py measures it: rows of K >= side_from go side
+ * by side. */
+static inline __attribute__((always_inline)) void dots(const void *w, long ldw, long rows, const float *x, long K,
+                                                       float *s, long side_from, const int kind) {
+    if (K >= side_from)
+        dots_side(w, ldw, rows, x, K, s, kind);
+    else
+        dots_seq(w, ldw, rows, x, K, s, kind);
+}
+
+/* dot products of `rows` (<= ROWS) consecutive weight rows n.. with one float32 vector x (row m), to Y */
+static inline __attribute__((always_inline)) void dot_rows(const void *w, long ldw, long rows, const float *x,
+                                                           long K, const gemv_out *o, long m, long n,
+                                                           long side_from, const int kind) {
+    float s[ROWS];
+    dots(w, ldw, rows, x, K, s, side_from, kind);
+    for (long r = 0; r < rows; r++)
+        put(o, m, n + r, s[r]);
 }
 
 /* Y[m][n] = sum_k X[m][k] * W[n][k] (+ bias[n]) for a few rows m. X is bf16, fp16 or float32 (xkind) and
  * widened once up front; the sums are float32, rounded once into Y's type. 0, or 1 if out of memory. */
 static inline __attribute__((always_inline)) int gemv(const void *W, long N, long K, long ldw, const void *X,
                                                       long M, long ldx, void *Y, long ldy, const float *bias,
-                                                      int xkind, int out, int nthreads, const int kind) {
+                                                      int xkind, int out, long side_from, int nthreads,
+                                                      const int kind) {
     float *x32 = NULL;
     const float *x = X;
     if (xkind != FP32) {
@@ -161,25 +206,25 @@ static inline __attribute__((always_inline)) int gemv(const void *W, long N, lon
     for (long i = 0; i < blocks; i++) {
         long n = i * ROWS, rows = N - n < ROWS ? N - n : ROWS;
         for (long m = 0; m < M; m++) /* later rows of X find this block of W still in L1 */
-            dot_rows(at(W, n * ldw, kind), ldw, rows, x + m * ldx, K, &o, m, n, kind);
+            dot_rows(at(W, n * ldw, kind), ldw, rows, x + m * ldx, K, &o, m, n, side_from, kind);
     }
     free(x32);
     return 0;
 }
 
 int merger_gemv_bf16(const uint16_t *W, long N, long K, long ldw, const void *X, long M, long ldx, void *Y,
-                     long ldy, const float *bias, int xkind, int out, int nthreads) {
-    return gemv(W, N, K, ldw, X, M, ldx, Y, ldy, bias, xkind, out, nthreads, BF16);
+                     long ldy, const float *bias, int xkind, int out, long side_from, int nthreads) {
+    return gemv(W, N, K, ldw, X, M, ldx, Y, ldy, bias, xkind, out, side_from, nthreads, BF16);
 }
 
 int merger_gemv_fp16(const uint16_t *W, long N, long K, long ldw, const void *X, long M, long ldx, void *Y,
-                     long ldy, const float *bias, int xkind, int out, int nthreads) {
-    return gemv(W, N, K, ldw, X, M, ldx, Y, ldy, bias, xkind, out, nthreads, FP16);
+                     long ldy, const float *bias, int xkind, int out, long side_from, int nthreads) {
+    return gemv(W, N, K, ldw, X, M, ldx, Y, ldy, bias, xkind, out, side_from, nthreads, FP16);
 }
 
 int merger_gemv_fp32(const float *W, long N, long K, long ldw, const void *X, long M, long ldx, void *Y,
-                     long ldy, const float *bias, int xkind, int out, int nthreads) {
-    return gemv(W, N, K, ldw, X, M, ldx, Y, ldy, bias, xkind, out, nthreads, FP32);
+                     long ldy, const float *bias, int xkind, int out, long side_from, int nthreads) {
+    return gemv(W, N, K, ldw, X, M, ldx, Y, ldy, bias, xkind, out, side_from, nthreads, FP32);
 }
 
 /* --- gemm ---------------------------------------------------------------------------------------- */
@@ -443,10 +488,10 @@ void merger_rmsnorm_fp32(const float *X, long rows, long dim, long ldx, const fl
     rmsnorm(X, rows, dim, ldx, w, eps, Y, ldy, nthreads, FP32);
 }
 
-/* exp of 8 float32 lanes, within 2 ulp of expf for |x| < 87 (all a softmax needs: x <= 0 here): 2^n * e^r
+/* exp of 8 float32 lanes, within 2 ulp of expf for |x| < 87 (inputs are clamped to [-87, 88]): 2^n * e^r
  * with n = round(x / ln 2), r = x - n ln 2 split in two parts, e^r by a degree-6 polynomial */
 static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -462,117 +507,474 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-/* P[g][s] = scale * (Q[g] . k[s]) for GS (<= 4) query heads that share one key head: each key row is
- * read once for all of them */
-static inline __attribute__((always_inline)) void scores(const float *Q, long D, const float *k, long ss, long S,
-                                                         float scale, float *P, const int GS) {
-    for (long s = 0; s < S; s++) {
-        const float *ks = k + s * ss;
-        __m256 acc[4];
-        for (int g = 0; g < GS; g++)
-            acc[g] = _mm256_setzero_ps();
-        long d = 0;
-        for (; d + 8 <= D; d += 8) {
-            __m256 kv = _mm256_loadu_ps(ks + d);
+/* --- one-query attention --------------------------------------------------------------------------- */
+/* Keys and values are read in the cache's own type (bf16 / fp16 widened in registers, as the matmuls read
+ * weights), so a half-precision model keeps a half-precision cache: half the bytes per key. Key ranges are
+ * reduced to (max score, sum of exp, unnormalised weighted values), which merge exactly, so a range can be
+ * split across threads (the decode step splits the keys; the per-call kernel the heads). */
+
+#define KB 128 /* keys per block: a block's scores stay in L1 */
+
+/* For GS (<= 4) query heads Q[g] sharing one key/value head, over keys s0..s1 of k / v (position stride ss,
+ * cache type ck): M[g] = max score, L[g] = sum exp(score - M[g]), A[g][D] = sum exp(score - M[g]) v. The
+ * scores are scale * (q . k), summed in float32. Each key and value row is read once for all GS heads. */
+static inline __attribute__((always_inline)) void attend_part(const float *Q, long D, const void *k, const void *v,
+                                                              long ss, long s0, long s1, float scale, float *M,
+                                                              float *L, float *A, const int GS, const int ck) {
+    float P[4][KB];
+    for (int g = 0; g < GS; g++) {
+        M[g] = -INFINITY;
+        L[g] = 0.f;
+        memset(A + g * D, 0, D * sizeof(float));
+    }
+    for (long b0 = s0; b0 < s1; b0 += KB) {
+        long n = s1 - b0 < KB ? s1 - b0 : KB;
+        for (long s = 0; s < n; s++) {
+            const void *ks = at(k, (b0 + s) * ss, ck);
+            __m256 acc[4];
             for (int g = 0; g < GS; g++)
-                acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + g * D + d), kv, acc[g]);
-        }
-        for (int g = 0; g < GS; g++) {
-            float r = hsum(acc[g]);
-            for (long e = d; e < D; e++)  /* a head size that is not a multiple of 8 */
-                r += Q[g * D + e] * ks[e];
-            P[g * S + s] = r * scale;
-        }
-    }
-}
-
-/* p[s] <- exp(p[s] - max p) / sum, in place */
-static inline void softmax(float *p, long S) {
-    float m = -INFINITY, sum = 0.f;
-    for (long s = 0; s < S; s++)
-        m = p[s] > m ? p[s] : m;
-    long s = 0;
-    __m256 vm = _mm256_set1_ps(m), vs = _mm256_setzero_ps();
-    for (; s + 8 <= S; s += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), vm));
-        _mm256_storeu_ps(p + s, e);
-        vs = _mm256_add_ps(vs, e);
-    }
-    sum = hsum(vs);
-    for (; s < S; s++)
-        sum += (p[s] = expf(p[s] - m));
-    float inv = 1.0f / sum;
-    for (s = 0; s < S; s++)
-        p[s] *= inv;
-}
-
-/* O[g][d] = sum_s P[g][s] * v[s][d] for GS (<= 4) heads sharing one value head, 16 columns at a time:
- * each value row is read once for all of them */
-static inline __attribute__((always_inline)) void weighted_rows(const float *P, const float *v, long ss, long S,
-                                                                long D, float *O, const int GS) {
-    long d = 0;
-    for (; d + 16 <= D; d += 16) {
-        __m256 acc[4][2];
-        for (int g = 0; g < GS; g++)
-            acc[g][0] = acc[g][1] = _mm256_setzero_ps();
-        for (long s = 0; s < S; s++) {
-            __m256 v0 = _mm256_loadu_ps(v + s * ss + d), v1 = _mm256_loadu_ps(v + s * ss + d + 8);
+                acc[g] = _mm256_setzero_ps();
+            long d = 0;
+            for (; d + 8 <= D; d += 8) {
+                __m256 kv = load8(ks, d, ck);
+                for (int g = 0; g < GS; g++)
+                    acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(Q + g * D + d), kv, acc[g]);
+            }
             for (int g = 0; g < GS; g++) {
-                __m256 w = _mm256_broadcast_ss(P + g * S + s);
-                acc[g][0] = _mm256_fmadd_ps(w, v0, acc[g][0]);
-                acc[g][1] = _mm256_fmadd_ps(w, v1, acc[g][1]);
+                float r = hsum(acc[g]);
+                for (long e = d; e < D; e++)  /* a head size that is not a multiple of 8 */
+                    r += Q[g * D + e] * load1(ks, e, ck);
+                P[g][s] = r * scale;
             }
         }
-        for (int g = 0; g < GS; g++) {
-            _mm256_storeu_ps(O + g * D + d, acc[g][0]);
-            _mm256_storeu_ps(O + g * D + d + 8, acc[g][1]);
+        for (int g = 0; g < GS; g++) {  /* the running maximum moves: rescale what was summed so far */
+            float bm = M[g];
+            for (long s = 0; s < n; s++)
+                bm = P[g][s] > bm ? P[g][s] : bm;
+            float c = expf(M[g] - bm), sum = 0.f;
+            long s = 0;
+            __m256 vm = _mm256_set1_ps(bm), vs = _mm256_setzero_ps();
+            for (; s + 8 <= n; s += 8) {
+                __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(P[g] + s), vm));
+                _mm256_storeu_ps(P[g] + s, e);
+                vs = _mm256_add_ps(vs, e);
+            }
+            sum = hsum(vs);
+            for (; s < n; s++)
+                sum += (P[g][s] = expf(P[g][s] - bm));
+            L[g] = L[g] * c + sum;
+            M[g] = bm;
+            if (c != 1.f)
+                for (long d = 0; d < D; d++)
+                    A[g * D + d] *= c;
         }
+        long d = 0;
+        for (; d + 16 <= D; d += 16) {
+            __m256 acc[4][2];
+            for (int g = 0; g < GS; g++) {
+                acc[g][0] = _mm256_loadu_ps(A + g * D + d);
+                acc[g][1] = _mm256_loadu_ps(A + g * D + d + 8);
+            }
+            for (long s = 0; s < n; s++) {
+                const void *vs = at(v, (b0 + s) * ss, ck);
+                __m256 v0 = load8(vs, d, ck), v1 = load8(vs, d + 8, ck);
+                for (int g = 0; g < GS; g++) {
+                    __m256 w = _mm256_broadcast_ss(P[g] + s);
+                    acc[g][0] = _mm256_fmadd_ps(w, v0, acc[g][0]);
+                    acc[g][1] = _mm256_fmadd_ps(w, v1, acc[g][1]);
+                }
+            }
+            for (int g = 0; g < GS; g++) {
+                _mm256_storeu_ps(A + g * D + d, acc[g][0]);
+                _mm256_storeu_ps(A + g * D + d + 8, acc[g][1]);
+            }
+        }
+        for (; d < D; d++)
+            for (int g = 0; g < GS; g++)
+                for (long s = 0; s < n; s++)
+                    A[g * D + d] += P[g][s] * load1(v, (b0 + s) * ss + d, ck);
     }
-    for (; d < D; d++)
-        for (int g = 0; g < GS; g++) {
-            float acc = 0.f;
-            for (long s = 0; s < S; s++)
-                acc += P[g * S + s] * v[s * ss + d];
-            O[g * D + d] = acc;
-        }
 }
 
-/* attention of GS (<= 4) query heads that share one key/value head */
-static inline __attribute__((always_inline)) void attend_heads(const float *Q, long D, const float *k,
-                                                               const float *v, long ss, long S, float scale,
-                                                               float *P, float *O, const int GS) {
-    scores(Q, D, k, ss, S, scale, P, GS);
-    for (int g = 0; g < GS; g++)
-        softmax(P + g * S, S);
-    weighted_rows(P, v, ss, S, D, O, GS);
+/* the GS-head part over s0..s1, the head count fixed at compile time so the accumulators stay in registers */
+static inline __attribute__((always_inline)) void attend_heads(const float *Q, long D, const void *k, const void *v,
+                                                               long ss, long s0, long s1, float scale, float *M,
+                                                               float *L, float *A, long GS, const int ck) {
+    switch (GS) {
+    case 4: attend_part(Q, D, k, v, ss, s0, s1, scale, M, L, A, 4, ck); break;
+    case 3: attend_part(Q, D, k, v, ss, s0, s1, scale, M, L, A, 3, ck); break;
+    case 2: attend_part(Q, D, k, v, ss, s0, s1, scale, M, L, A, 2, ck); break;
+    default: attend_part(Q, D, k, v, ss, s0, s1, scale, M, L, A, 1, ck); break;
+    }
 }
 
-/* One query per head over S cached keys, float32: Q, O [B, H, D] contiguous; K, V [B, KV, S, D] with the
- * given batch / head / position strides (the cache's views); query head h reads key/value head
- * h / (H / KV). O = softmax(scale * Q K^T) V; the query heads of a key/value head go in fours, so each
- * K and V row is read once per four heads; threads split (batch, key/value head, four). 0, or 1 if out of
- * memory. Measured against SDPA (16 or 32 heads, a quarter as many KV heads, 128 wide): 1.2-1.9x as fast
- * at 200 keys, 2.2-3.8x at 1000-8000. */
-int merger_attend_fp32(const float *Q, long B, long H, long D, const float *K, const float *V, long KV, long S,
-                       long sb, long sh, long ss, float scale, float *O, int nthreads) {
+/* One query per head over S cached keys: Q, O [B, H, D] float32 contiguous; K, V [B, KV, S, D] in the cache
+ * type with the given batch / head / position strides (the cache's views); query head h reads key/value head
+ * h / (H / KV). O = softmax(scale * Q K^T) V; the query heads of a key/value head go in fours, so each K and
+ * V row is read once per four heads; threads split (batch, key/value head, four). 0, or 1 if out of memory.
+ * Measured against SDPA over a float32 cache (16 or 32 heads, a quarter as many KV heads, 128 wide): 1.2-1.9x
+ * as fast at 200 keys, 2.2-3.8x at 1000-8000. */
+static inline __attribute__((always_inline)) int attend(const float *Q, long B, long H, long D, const void *K,
+                                                        const void *V, long KV, long S, long sb, long sh, long ss,
+                                                        float scale, float *O, int nthreads, const int ck) {
     long G = H / KV, chunks = (G + 3) / 4;
-    float *buf = malloc((size_t)B * H * (S > 0 ? S : 1) * sizeof(float));
-    if (!buf)
+    float *ml = malloc((size_t)B * H * 2 * sizeof(float));
+    if (!ml)
         return 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static) collapse(3) if (S * H >= 4096)
     for (long b = 0; b < B; b++)
         for (long kv = 0; kv < KV; kv++)
             for (long c = 0; c < chunks; c++) {
                 long h = kv * G + 4 * c, n = G - 4 * c < 4 ? G - 4 * c : 4;
-                const float *k = K + b * sb + kv * sh, *v = V + b * sb + kv * sh, *q = Q + (b * H + h) * D;
-                float *p = buf + (b * H + h) * S, *o = O + (b * H + h) * D;
-                switch (n) {  /* the head count fixed at compile time: the accumulators stay in registers */
-                case 4: attend_heads(q, D, k, v, ss, S, scale, p, o, 4); break;
-                case 3: attend_heads(q, D, k, v, ss, S, scale, p, o, 3); break;
-                case 2: attend_heads(q, D, k, v, ss, S, scale, p, o, 2); break;
-                default: attend_heads(q, D, k, v, ss, S, scale, p, o, 1); break;
+                float *M = ml + 2 * (b * H + h), *L = M + n, *o = O + (b * H + h) * D;
+                attend_heads(Q + (b * H + h) * D, D, at(K, b * sb + kv * sh, ck), at(V, b * sb + kv * sh, ck), ss,
+                             0, S, scale, M, L, o, n, ck);
+                for (long g = 0; g < n; g++)
+                    for (long d = 0; d < D; d++)
+                        o[g * D + d] /= L[g];
+            }
+    free(ml);
+    return 0;
+}
+
+int merger_attend_bf16(const float *Q, long B, long H, long D, const uint16_t *K, const uint16_t *V, long KV,
+                       long S, long sb, long sh, long ss, float scale, float *O, int nthreads) {
+    return attend(Q, B, H, D, K, V, KV, S, sb, sh, ss, scale, O, nthreads, BF16);
+}
+
+int merger_attend_fp16(const float *Q, long B, long H, long D, const uint16_t *K, const uint16_t *V, long KV,
+                       long S, long sb, long sh, long ss, float scale, float *O, int nthreads) {
+    return attend(Q, B, H, D, K, V, KV, S, sb, sh, ss, scale, O, nthreads, FP16);
+}
+
+int merger_attend_fp32(const float *Q, long B, long H, long D, const float *K, const float *V, long KV, long S,
+                       long sb, long sh, long ss, float scale, float *O, int nthreads) {
+    return attend(Q, B, H, D, K, V, KV, S, sb, sh, ss, scale, O, nthreads, FP32);
+}
+
+/* --- the decode step ------------------------------------------------------------------------------ */
+/* One token of a batch-1 decode, every layer and the logits, in one call and one parallel region: the
+ * per-layer tables below are built once per KV cache (step.py) and replayed for each token, as llama.cpp
+ * replays its graph. Torch's per-op cost (5-40 us a call, a dozen calls a layer) and the thread pool's
+ * start per op are gone; the threads meet at 5 barriers a layer, one after each matmul. Each thread keeps
+ * its own copy of the residual stream and the normed vector and does the vector-sized work itself, so only
+ * the matmul outputs and the attention partials are shared. Rounding follows the per-op path (and so
+ * transformers): every tensor the model would hold in its dtype is rounded to it where the op ends. */
+
+typedef struct {
+    const void *wqkv, *wo, *w13, *w2, *router;       /* router NULL: a dense MLP; else [E, D] experts */
+    const float *bqkv, *bo, *b13, *b2;               /* float32 biases or NULL */
+    const void *attn_norm, *ffn_norm, *q_norm, *k_norm; /* q/k norms [Dh] or NULL */
+    void *k, *v;                                     /* the layer's cache [KV, max_len, Dh], model type */
+    long ffn;                                        /* the MLP's (or each expert's) hidden width F */
+    long window;                                     /* > 0: only the last `window` keys */
+} step_layer;
+
+typedef struct {
+    long dim, heads, kv_heads, head_dim, experts, top_k, layers, vocab, max_len;
+    long ffn_buf;                                    /* max over layers of F x (experts ? top_k : 1) */
+    long side_from;                                  /* dots(): rows of K >= this side by side */
+    int normalize;                                   /* renormalise the top-k routing weights */
+    float eps, scale;                                /* RMSNorm epsilon; attention score scale */
+    const void *embed, *norm, *output;               /* [V, D], [D], [V, D] */
+    const step_layer *layer;
+} step_model;
+
+/* v rounded to the model type and widened back: where the per-op path holds a tensor in that type */
+static inline __attribute__((always_inline)) float rnd(float v, const int kind) {
+    if (kind == FP32)
+        return v;
+    if (kind == FP16)
+        return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT));
+    union { float f; uint32_t u; } b = { v };
+    b.u = v != v ? 0x7fc00000u : (b.u + 0x7fffu + ((b.u >> 16) & 1u)) & 0xffff0000u;
+    return b.f;
+}
+
+static inline __attribute__((always_inline)) __m256 rnd8(__m256 v, const int kind) {
+    if (kind == FP32)
+        return v;
+    if (kind == FP16)
+        return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(to_bf16x8(v)), 16));
+}
+
+/* y = x + a, rounded (the residual add), n elements */
+static inline __attribute__((always_inline)) void add_rows(float *x, const float *a, long n, const int kind) {
+    long i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(x + i, rnd8(_mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(a + i)), kind));
+    for (; i < n; i++)
+        x[i] = rnd(x[i] + a[i], kind);
+}
+
+/* the RMSNorm kernel's math on a float32 row that holds model-type values */
+static inline __attribute__((always_inline)) void norm_row(const float *x, const void *w, long dim, float eps,
+                                                           float *y, const int kind) {
+    __m256 a = _mm256_setzero_ps();
+    long k = 0;
+    for (; k + 8 <= dim; k += 8) {
+        __m256 v = _mm256_loadu_ps(x + k);
+        a = _mm256_fmadd_ps(v, v, a);
+    }
+    float ss = hsum(a);
+    for (; k < dim; k++)
+        ss += x[k] * x[k];
+    float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+    for (k = 0; k + 8 <= dim; k += 8) {
+        __m256 h = rnd8(_mm256_mul_ps(_mm256_loadu_ps(x + k), _mm256_set1_ps(inv)), kind);
+        _mm256_storeu_ps(y + k, rnd8(_mm256_mul_ps(h, load8(w, k, kind)), kind));
+    }
+    for (; k < dim; k++)
+        y[k] = rnd(rnd(x[k] * inv, kind) * load1(w, k, kind), kind);
+}
+
+/* rotate-half RoPE of one head x [D] -> y, as x * cos + cat(x2, x1) * folded sin in the model type */
+static inline __attribute__((always_inline)) void rope_head(const float *x, const float *cos, const float *sin,
+                                                            long D, float *y, const int kind) {
+    long half = D / 2;
+    for (long i = 0; i < D; i++) {
+        float c = rnd(cos[i], kind), s = rnd(sin[i], kind), r = x[i < half ? i + half : i - half];
+        y[i] = rnd(rnd(x[i] * c, kind) + rnd(r * s, kind), kind);
+    }
+}
+
+/* silu(g) * u for 8 lanes, each product rounded where torch rounds: silu's output, then the product */
+static inline __attribute__((always_inline)) __m256 swiglu8(__m256 g, __m256 u, const int kind) {
+    __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    __m256 act = rnd8(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), kind);
+    return rnd8(_mm256_mul_ps(act, u), kind);
+}
+
+/* How a matvec's rows are shared: guided (a thread takes half of what is left, then less, down to about
+ * STEP_CHUNK_BYTES of weights), so each thread streams long runs, yet one slowed by another process leaves
+ * what it has not started to the other. Measured on SmolLM2-135M (2-core EPYC, alternating runs): dynamic
+ * runs of 16 rows 70 tok/s (bf16) and 48 (its MoE); 128 rows 100 / 68; guided down to 32 KiB 96 / 87, and
+ * float32 57 -> 82. */
+#ifndef STEP_CHUNK_BYTES
+#define STEP_CHUNK_BYTES (32 << 10)
+#endif
+static inline long chunk_blocks(long K, const int kind) {  /* in ROWS-row blocks */
+    long c = STEP_CHUNK_BYTES / (ROWS * K * (kind == FP32 ? 4 : 2) + 1);
+    return c > 0 ? c : 1;
+}
+
+/* out[n] = rnd(W[n] . x + bias[n]) for n < N (W contiguous [N, K]); shared work, ends at a barrier */
+static inline __attribute__((always_inline)) void step_matvec(const void *W, long N, long K, const float *x,
+                                                              const float *bias, float *out, int round,
+                                                              long side_from, const int kind) {
+    long blocks = (N + ROWS - 1) / ROWS, chunk = chunk_blocks(K, kind);
+#pragma omp for schedule(guided, chunk)
+    for (long i = 0; i < blocks; i++) {
+        long n = i * ROWS, rows = N - n < ROWS ? N - n : ROWS;
+        float s[ROWS];
+        dots(at(W, n * K, kind), K, rows, x, K, s, side_from, kind);
+        for (long r = 0; r < rows; r++) {
+            float v = s[r] + (bias ? bias[n + r] : 0.f);
+            out[n + r] = round ? rnd(v, kind) : v;
+        }
+    }
+}
+
+/* p[i] = silu(gate_i) * up_i with gate_i = W13[i] . x, up_i = W13[F + i] . x (+ biases): the gated MLP's
+ * first half, gate and up rows read side by side, for `experts` stacked weights (W13 + j * 2FK, x shared,
+ * p + j * F); shared work, ends at a barrier */
+static inline __attribute__((always_inline)) void step_gate_up(const void *const *W13, long n_w, long F, long K,
+                                                               const float *x, const float *b13, float *p,
+                                                               long side_from, const int kind) {
+    long per = (F + 7) / 8, chunk = (chunk_blocks(K, kind) + 3) / 4;  /* an item: 2 x 8 rows */
+#pragma omp for schedule(guided, chunk)
+    for (long it = 0; it < n_w * per; it++) {
+        long j = it / per, i0 = (it % per) * 8, rows = F - i0 < 8 ? F - i0 : 8;
+        float g[8] = {0}, u[8] = {0}, out[8];
+        for (long h = 0; h < rows; h += ROWS) {
+            long r = rows - h < ROWS ? rows - h : ROWS;
+            dots(at(W13[j], (i0 + h) * K, kind), K, r, x, K, g + h, side_from, kind);
+            dots(at(W13[j], (F + i0 + h) * K, kind), K, r, x, K, u + h, side_from, kind);
+        }
+        for (long r = 0; r < 8; r++) {
+            g[r] = rnd(g[r] + (b13 && r < rows ? b13[i0 + r] : 0.f), kind);
+            u[r] = rnd(u[r] + (b13 && r < rows ? b13[F + i0 + r] : 0.f), kind);
+        }
+        _mm256_storeu_ps(out, swiglu8(_mm256_loadu_ps(g), _mm256_loadu_ps(u), kind));
+        memcpy(p + j * F + i0, out, rows * sizeof(float));
+    }
+}
+
+/* a[n] = rnd(sum_j rnd(W2_j[n] . p_j) * wt_j) over the chosen experts in order (the per-op path's float32
+ * accumulation), or rnd(W2[n] . p + b2[n]) for a dense MLP; shared work, ends at a barrier */
+static inline __attribute__((always_inline)) void step_down(const void *const *W2, long n_w, long D, long F,
+                                                            const float *p, const float *wt, const float *b2,
+                                                            float *a, long side_from, const int kind) {
+    long blocks = (D + ROWS - 1) / ROWS, chunk = chunk_blocks(F * n_w, kind);
+#pragma omp for schedule(guided, chunk)
+    for (long i = 0; i < blocks; i++) {
+        long n = i * ROWS, rows = D - n < ROWS ? D - n : ROWS;
+        float acc[ROWS] = {0}, s[ROWS];
+        for (long j = 0; j < n_w; j++) {
+            dots(at(W2[j], n * F, kind), F, rows, p + j * F, F, s, side_from, kind);
+            for (long r = 0; r < rows; r++) {
+                if (!wt)
+                    acc[r] = rnd(s[r] + (b2 ? b2[n + r] : 0.f), kind);
+                else
+                    acc[r] += rnd(s[r], kind) * wt[j];
+            }
+        }
+        for (long r = 0; r < rows; r++)
+            a[n + r] = wt ? rnd(acc[r], kind) : acc[r];
+    }
+}
+
+/* softmax over the E router logits of x (float32), top-k (ties to the lower index), renormalised if asked */
+static void route_token(const float *x, const void *router, long E, long D, long k, int normalize, float *wt,
+                        long *ids, const int kind) {
+    float logit[64], mx = -INFINITY, sum = 0.f;
+    for (long e = 0; e < E; e++) {
+        float s = 0.f;
+        for (long d = 0; d < D; d++)
+            s += x[d] * load1(router, e * D + d, kind);
+        logit[e] = s;
+        mx = s > mx ? s : mx;
+    }
+    for (long e = 0; e < E; e++)
+        sum += (logit[e] = expf(logit[e] - mx));
+    for (long e = 0; e < E; e++)
+        logit[e] /= sum;
+    float total = 0.f;
+    for (long j = 0; j < k; j++) {
+        long best = -1;
+        for (long e = 0; e < E; e++)
+            if (logit[e] >= 0.f && (best < 0 || logit[e] > logit[best]))
+                best = e;
+        ids[j] = best;
+        wt[j] = logit[best];
+        total += wt[j];
+        logit[best] = -1.f;
+    }
+    if (normalize)
+        for (long j = 0; j < k; j++)
+            wt[j] /= total;
+}
+
+/* The logits [V] (float32) of `token` at position `pos`, its keys and values written into the cache;
+ * cos / sin are the RoPE table's float32 rows for pos (sin sign-folded). 0, 1 if out of memory. */
+static inline __attribute__((always_inline)) int step(const step_model *m, long token, long pos, const float *cos,
+                                                      const float *sin, float *logits, int nthreads,
+                                                      const int kind) {
+    long D = m->dim, H = m->heads, KV = m->kv_heads, Dh = m->head_dim, G = H / KV;
+    long qkv_n = (H + 2 * KV) * Dh, k_top = m->experts ? m->top_k : 1, sf = m->side_from;
+    long shared = qkv_n + D + m->ffn_buf + nthreads * H * (Dh + 2);
+    long priv = 2 * D + 2 * H * Dh + 2 * KV * Dh + 2 * k_top;
+    float *buf = malloc((shared + nthreads * priv) * sizeof(float));
+    if (!buf)
+        return 1;
+    float *qkv = buf, *a = qkv + qkv_n, *p = a + D, *part = p + m->ffn_buf;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        float *x = buf + shared + t * priv, *hn = x + D, *q = hn + D, *o = q + H * Dh, *kr = o + H * Dh;
+        float *kn = kr + KV * Dh, *wt = kn + KV * Dh;
+        long ids[64];
+        for (long i = 0; i < D; i++)
+            x[i] = load1(m->embed, token * D + i, kind);
+        for (long l = 0; l < m->layers; l++) {
+            const step_layer *ly = m->layer + l;
+            long F = ly->ffn;
+            norm_row(x, ly->attn_norm, D, m->eps, hn, kind);
+            step_matvec(ly->wqkv, qkv_n, D, hn, ly->bqkv, qkv, 1, sf, kind);
+            /* every thread ropes all query heads; keys are split into one range per thread */
+            for (long h = 0; h < H; h++) {
+                const float *src = qkv + h * Dh;
+                if (ly->q_norm) {
+                    norm_row(src, ly->q_norm, Dh, m->eps, o, kind);
+                    src = o;
+                }
+                rope_head(src, cos, sin, Dh, q + h * Dh, kind);
+            }
+            long S = pos + 1, lo = ly->window > 0 && S > ly->window ? S - ly->window : 0;
+            long s0 = lo + (S - lo) * t / nt, s1 = lo + (S - lo) * (t + 1) / nt;
+            if (t == nt - 1) { /* the range holding pos: its thread writes this token's key and value first */
+                for (long g = 0; g < KV; g++) {
+                    const float *src = qkv + (H + g) * Dh;
+                    if (ly->k_norm) {
+                        norm_row(src, ly->k_norm, Dh, m->eps, kn + g * Dh, kind);
+                        src = kn + g * Dh;
+                    }
+                    rope_head(src, cos, sin, Dh, kr + g * Dh, kind);
+                    for (long d = 0; d < Dh; d++) {
+                        long c = (g * m->max_len + pos) * Dh + d;
+                        store1(ly->k, c, kr[g * Dh + d], kind);
+                        store1(ly->v, c, qkv[(H + KV + g) * Dh + d], kind);
+                    }
                 }
             }
+            float *mine = part + t * H * (Dh + 2);  /* [H] max, [H] sum, [H][Dh] weighted values */
+            for (long g = 0; g < KV; g++)
+                for (long c = 0; c < G; c += 4) {
+                    long h = g * G + c, n = G - c < 4 ? G - c : 4;
+                    attend_heads(q + h * Dh, Dh, at(ly->k, g * m->max_len * Dh, kind),
+                                 at(ly->v, g * m->max_len * Dh, kind), Dh, s0, s1, m->scale, mine + h,
+                                 mine + H + h, mine + 2 * H + h * Dh, n, kind);
+                }
+#pragma omp barrier
+            for (long h = 0; h < H; h++) {  /* merge the ranges, in thread order */
+                float mx = -INFINITY, den = 0.f;
+                for (int u = 0; u < nt; u++) {
+                    float mu = part[u * H * (Dh + 2) + h];
+                    mx = mu > mx ? mu : mx;
+                }
+                for (long d = 0; d < Dh; d++)
+                    o[h * Dh + d] = 0.f;
+                for (int u = 0; u < nt; u++) {
+                    const float *pu = part + u * H * (Dh + 2);
+                    if (pu[H + h] == 0.f)
+                        continue;  /* an empty range */
+                    float c = expf(pu[h] - mx);
+                    den += pu[H + h] * c;
+                    for (long d = 0; d < Dh; d++)
+                        o[h * Dh + d] += pu[2 * H + h * Dh + d] * c;
+                }
+                for (long d = 0; d < Dh; d++)
+                    o[h * Dh + d] = rnd(o[h * Dh + d] / den, kind);
+            }
+            step_matvec(ly->wo, D, H * Dh, o, ly->bo, a, 1, sf, kind);
+            add_rows(x, a, D, kind);
+            norm_row(x, ly->ffn_norm, D, m->eps, hn, kind);
+            const void *w13[64], *w2[64];
+            if (!ly->router) {
+                w13[0] = ly->w13;
+                w2[0] = ly->w2;
+                step_gate_up(w13, 1, F, D, hn, ly->b13, p, sf, kind);
+                step_down(w2, 1, D, F, p, NULL, ly->b2, a, sf, kind);
+            } else {
+                route_token(hn, ly->router, m->experts, D, k_top, m->normalize, wt, ids, kind);
+                for (long j = 0; j < k_top; j++) {
+                    w13[j] = at(ly->w13, ids[j] * 2 * F * D, kind);
+                    w2[j] = at(ly->w2, ids[j] * D * F, kind);
+                }
+                step_gate_up(w13, k_top, F, D, hn, NULL, p, sf, kind);
+                step_down(w2, k_top, D, F, p, wt, NULL, a, sf, kind);
+            }
+            add_rows(x, a, D, kind);
+        }
+        norm_row(x, m->norm, D, m->eps, hn, kind);
+        step_matvec(m->output, m->vocab, D, hn, NULL, logits, 0, sf, kind);
+    }
     free(buf);
     return 0;
+}
+
+int merger_step_bf16(const step_model *m, long token, long pos, const float *cos, const float *sin, float *logits,
+                     int nthreads) {
+    return step(m, token, pos, cos, sin, logits, nthreads, BF16);
+}
+
+int merger_step_fp16(const step_model *m, long token, long pos, const float *cos, const float *sin, float *logits,
+                     int nthreads) {
+    return step(m, token, pos, cos, sin, logits, nthreads, FP16);
+}
+
+int merger_step_fp32(const step_model *m, long token, long pos, const float *cos, const float *sin, float *logits,
+                     int nthreads) {
+    return step(m, token, pos, cos, sin, logits, nthreads, FP32);
 }

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merger.engine import native
+from merger.engine import calibrate, native, step
 from merger.engine.config import ModelConfig, load_model_config
 from merger.engine.matmul import linear, slow_half
 from merger.engine.moe import FeedForward, MoEFeedForward
@@ -57,7 +57,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str =
                               "fix the config or re-save the checkpoint") from None
     model.init_rope(torch.device(device))
     if torch.device(device).type == "cpu":
-        native.gemv_kernel(dtype)  # a first-ever run compiles the native kernels here, not in a timed prefill
+        # a first-ever run compiles the native kernels and measures which to use here, not in a timed prefill
+        calibrate.choices()
     return model.eval()
 
 
@@ -72,6 +73,15 @@ class Transformer(nn.Module):
         self.output = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)  # [V, D]
         self.cache: list[KVCache] | None = None
         self.ropes: dict[str, RopeTable] = {}
+
+    @property
+    def cache(self) -> list[KVCache] | None:
+        return self._cache
+
+    @cache.setter
+    def cache(self, value: list[KVCache] | None) -> None:
+        self._cache = value
+        self.step: step.DecodeStep | None = None  # it points into the cache: made again by setup_cache
 
     @property
     def dtype(self) -> torch.dtype:
@@ -96,10 +106,14 @@ class Transformer(nn.Module):
             raise ContextError(f"{max_len} positions exceed the model's context "
                                f"(max_position_embeddings {cfg.max_position_embeddings} in config.json)")
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        # bf16 K/V are exact in float32, and one-query attention over a float32 cache runs 3-8x faster
-        # on CPUs without native bf16 (measured: 80-2000 keys, AVX2); the cost is 2x the cache memory
-        dtype = torch.float32 if slow_half(self.dtype, self.device) else self.dtype
+        # the native attention reads a bf16/fp16 cache as it is; without it, torch's one-query attention over
+        # a float32 cache runs 3-8x faster on CPUs without fast half math (measured: 80-2000 keys, AVX2),
+        # and bf16 K/V are exact in float32 (at 2x the cache memory)
+        native_attend = self.device.type == "cpu" and native.attend_kernel(self.dtype) is not None
+        dtype = torch.float32 if slow_half(self.dtype, self.device) and not native_attend else self.dtype
         self.cache = [KVCache(shape, dtype, self.device) for _ in self.layers]
+        if step.unsupported(self, batch) is None:
+            self.step = step.DecodeStep(self, self.cache)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, start_pos: int | None = None, last_only: bool = False,
@@ -110,6 +124,10 @@ class Transformer(nn.Module):
         positions start_pos.. and read/extend the cache made by setup_cache.
         """
         bsz, n = input_ids.shape
+        if self.step is not None and n == 1 and bsz == 1 and start_pos is not None and record is None:
+            token = int(input_ids[0, 0])
+            if self.step.fits(token, start_pos):  # one native call for the whole token (step.py)
+                return self.step(token, start_pos)
         cache = None if start_pos is None else self.cache
         start = start_pos or 0
         if start_pos is not None:

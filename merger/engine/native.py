@@ -1,12 +1,13 @@
 """The engine's native CPU kernels (cpu_kernels.c: gemv for decode, gemm for prefill, bf16/fp16/fp32 weights;
-RMSNorm and one-query attention for decode; AVX2), compiled on first use with the system C compiler into the
-merger cache, called via ctypes.
+RMSNorm, one-query attention over a cache of any of those types, and the whole batch-1 decode step; AVX2),
+compiled on first use with the system C compiler into the merger cache, called via ctypes.
 
 Optional by design: with no compiler, another CPU, or MERGER_NATIVE=0, the `*_kernel` lookups return None
-and the engine stays on torch's own ops. Why they exist: decode is nothing but GEMVs, and torch's
-reach about half the memory bandwidth on CPUs without native bf16 math (its bf16 one is compute-bound
-there) and ~65% in float32 (measured on a 2-core EPYC: 15-16 GB/s against 21-25 GB/s for gemv); prefill
-in bf16 otherwise upcasts weight blocks for MKL, which gemm does inside its packing.
+and the engine stays on torch's own ops. Which of them runs where is measured once per machine
+(calibrate.py). Why they exist: decode is nothing but GEMVs, torch's reach about half the memory bandwidth on
+CPUs without native bf16 math (its bf16 one is compute-bound there) and ~65% in float32, and at decode sizes
+torch's per-op cost outweighs the math (the step kernel runs a token in one call); prefill in bf16 otherwise
+upcasts weight blocks for MKL, which gemm does inside its packing.
 """
 from __future__ import annotations
 
@@ -26,22 +27,27 @@ import torch
 from merger.cache import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
+# -ffp-contract=off: scalar math stays the separate multiplies and adds torch does (the kernels' FMAs are explicit)
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
 LIBS = ["-lm"]
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+TYPE_NAMES = _TYPES
+SIDE_FROM = 4096  # gemv: from this K on, weight rows are read side by side unless calibration chose otherwise
 _OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # the C enum { BF16, FP16, FP32 }
-# W, N, K, ldw, X, M, ldx, Y, ldy, then bias, (gemv: X type,) Y type, threads
+# W, N, K, ldw, X, M, ldx, Y, ldy, then bias, (gemv: X type,) Y type, (gemv: side_from,) threads
 _ARGS = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
          ctypes.c_long, ctypes.c_void_p, ctypes.c_long]
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 # op -> (argument types, result type, weight types it exists for)
 _SIGNATURES = {
-    "gemv": (_ARGS + [_P, _I, _I, _I], _I, tuple(_TYPES)),
+    "gemv": (_ARGS + [_P, _I, _I, _L, _I], _I, tuple(_TYPES)),
     "gemm": (_ARGS + [_P, _I, _I], _I, tuple(_TYPES)),
     # X, rows, dim, ldx, w, eps, Y, ldy, threads
     "rmsnorm": ([_P, _L, _L, _L, _P, _F, _P, _L, _I], None, tuple(_TYPES)),
     # Q, B, H, D, K, V, KV, S, batch / head / position strides of K and V, scale, O, threads
-    "attend": ([_P, _L, _L, _L, _P, _P, _L, _L, _L, _L, _L, _F, _P, _I], _I, (torch.float32,)),
+    "attend": ([_P, _L, _L, _L, _P, _P, _L, _L, _L, _L, _L, _F, _P, _I], _I, tuple(_TYPES)),
+    # step_model, token, pos, cos row, sin row, logits, threads (step.py builds the tables)
+    "step": ([_P, _L, _L, _P, _P, _P, _I], _I, tuple(_TYPES)),
 }
 
 
@@ -57,7 +63,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         return None, "no C compiler found (set CC)"
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, *LIBS]).encode()).hexdigest()[:16]
+    key = source_key(cc)
     lib_path = cache_dir("kernels") / f"{SOURCE.stem}-{key}.so"
     if not lib_path.exists():
         try:
@@ -82,6 +88,17 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     return lib, f"{lib_path}"
 
 
+def source_key(cc: str | None = None) -> str:
+    """Hash of the kernel source, the compiler and its flags: the compiled library's (and calibration's) key."""
+    cc = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or ""
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, *LIBS]).encode()).hexdigest()[:16]
+
+
+def library() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded kernel library or None, why): see _library."""
+    return _library()
+
+
 def status() -> str:
     """One line for benchmarks and debugging: whether the native kernel is in use, and why (not)."""
     lib, why = _library()
@@ -104,8 +121,13 @@ def rmsnorm_kernel(dtype: torch.dtype):
 
 
 def attend_kernel(dtype: torch.dtype):
-    """One-query attention over a cache in `dtype` (float32 only), or None."""
+    """One-query attention over a KV cache in `dtype` (read as stored: bf16, fp16 or float32), or None."""
     return _kernel("attend", dtype)
+
+
+def step_kernel(dtype: torch.dtype):
+    """The whole batch-1 decode step of a model in `dtype` (step.py), or None."""
+    return _kernel("step", dtype)
 
 
 def _kernel(op: str, dtype: torch.dtype):
@@ -132,15 +154,17 @@ def _check(op: str, kernel, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, kernel, bias: torch.Tensor | None = None,
-         out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+         out_dtype: torch.dtype = torch.float32, side_from: int = SIDE_FROM) -> torch.Tensor:
     """x [M, K] (bf16, fp16 or float32) @ w[N, K].T (+ bias) -> [M, N] in out_dtype (float32, bf16 or fp16),
-    summed in float32 and rounded once: the decode path, conversions included, in one call."""
+    summed in float32 and rounded once: the decode path, conversions included, in one call. Weight rows are
+    read one after another below K = side_from, side by side from there (calibrate.py measures where that pays)."""
     bias = _check("gemv", kernel, x, w, bias, out_dtype, tuple(_OUT))
     m, k = x.shape
     n = w.shape[0]
     y = torch.empty(m, n, dtype=out_dtype)
     if kernel(w.data_ptr(), n, k, w.stride(0), x.data_ptr(), m, x.stride(0), y.data_ptr(), n,
-              None if bias is None else bias.data_ptr(), _OUT[x.dtype], _OUT[out_dtype], torch.get_num_threads()):
+              None if bias is None else bias.data_ptr(), _OUT[x.dtype], _OUT[out_dtype], side_from,
+              torch.get_num_threads()):
         raise MemoryError(f"native gemv: no memory for {m} x {k} inputs")
     return y
 
@@ -173,15 +197,17 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, kernel) -> torch.Tenso
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kernel) -> torch.Tensor:
-    """One query per head: q [B, H, D], k and v [B, KV, S, D] views of one shape and strides (unit last
-    stride), H a multiple of KV, all float32 -> softmax(scale q k^T) v as float32 [B, H, D]."""
+    """One query per head: q [B, H, D] (any float dtype, taken as float32), k and v [B, KV, S, D] views of one
+    shape, dtype and strides (unit last stride), H a multiple of KV -> softmax(scale q k^T) v as float32
+    [B, H, D], the keys and values read in their own dtype."""
     bsz, heads, dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     if (k.shape != v.shape or k.stride() != v.stride() or k.dim() != 4 or k.shape[0] != bsz or k.shape[3] != dim
-            or heads % kv_heads or k.stride(3) != 1 or q.dtype != torch.float32 or k.dtype != torch.float32
-            or v.dtype != torch.float32 or not (q.is_cpu and k.is_cpu and v.is_cpu)):
-        raise ValueError(f"native attend: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
-    q = q.contiguous()
+            or heads % kv_heads or k.stride(3) != 1 or k.dtype != v.dtype or not q.is_floating_point()
+            or not (q.is_cpu and k.is_cpu and v.is_cpu) or kernel is not _kernel("attend", k.dtype)):
+        raise ValueError(f"native attend: q {tuple(q.shape)}, k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} "
+                         f"{v.dtype} do not fit")
+    q = q.float().contiguous()
     out = torch.empty(bsz, heads, dim, dtype=torch.float32)
     if kernel(q.data_ptr(), bsz, heads, dim, k.data_ptr(), v.data_ptr(), kv_heads, keys, k.stride(0),
               k.stride(1), k.stride(2), scale, out.data_ptr(), torch.get_num_threads()):
