@@ -151,9 +151,9 @@ class Checkpoint:
 
     # --- data -----------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor. Not an mmap view: mapped pages, once read, count in the process's RSS until
-        the file is unmapped, so a merge would grow to all its inputs. While a plan runs, the tensor may
-        come from the read-ahead: then it lives in a pooled buffer until the output it feeds is written."""
+        """Read one tensor into memory of its own. While a plan runs, the tensor may come from the
+        read-ahead instead: a mapping of that one tensor (or a pooled buffer), held until the output it
+        feeds is written."""
         if self.read_ahead is not None:
             t = self.read_ahead.take(self, name)
             if t is not None:
@@ -169,6 +169,13 @@ class Checkpoint:
         if real in self._pickled:
             return self._pickled[real]
         return self._reader(real).read_into(real, buf)
+
+    def map(self, name: str) -> torch.Tensor | None:
+        """Tensor `name` mapped from its file for the read-ahead (SafetensorsFile.map), or None: read it."""
+        real = self._resolve(name)
+        if real in self._pickled:
+            return self._pickled[real]
+        return self._reader(real).map(real)
 
     def _reader(self, real: str) -> SafetensorsFile:
         fname = self._file_of[real]

@@ -1,10 +1,12 @@
 """One .safetensors file: its header, validated as the safetensors library validates it (known dtypes,
 shapes of non-negative ints, offsets that tile the data section exactly), and single tensors read
-into memory of their own with pread (no mmap view: mapped pages would stay in the RSS)."""
+into memory of their own with pread, or mapped one tensor at a time for the read-ahead (a mapping of the
+whole file would keep every page read in the RSS until the end)."""
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import stat
 import struct
@@ -22,6 +24,7 @@ ST_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14: map every page in one call
 
 
 def _int_list(v: Any, n: int | None = None) -> bool:
@@ -146,6 +149,35 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path}: file ends inside tensor {name!r}; re-download it")
             pos += got
         return buf[:n].view(ST_DTYPES[info["dtype"]]).view(info["shape"])
+
+    def map(self, name: str) -> torch.Tensor | None:
+        """Tensor `name` as a copy-on-write view of the page cache (no copy into a buffer of its own, the
+        pages mapped in one call); it is unmapped when the last view of it goes. None where mapping is not
+        available (then read it)."""
+        fd = self._open()
+        info = self.header[name]
+        start, end = info["data_offsets"]
+        n, offset = end - start, self._start + start
+        if n == 0 or not hasattr(mmap, "MAP_PRIVATE"):
+            return None
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({e})") from None
+        if size < offset + n:  # touching mapped pages past the end would kill the process
+            raise CheckpointError(f"{self.path}: file ends inside tensor {name!r}; re-download it")
+        first = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapped = mmap.mmap(fd, offset + n - first, flags=mmap.MAP_PRIVATE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=first)
+        except (OSError, ValueError):
+            return None  # a file system without mmap: pread instead
+        try:
+            mapped.madvise(_MADV_POPULATE_READ)
+        except (OSError, ValueError):
+            mapped.madvise(mmap.MADV_WILLNEED)  # older kernels: read ahead, fault as touched
+        raw = torch.frombuffer(mapped, dtype=torch.uint8, offset=offset - first, count=n)
+        return raw.view(ST_DTYPES[info["dtype"]]).view(info["shape"])
 
     def close(self) -> None:
         if self._fh is not None:
