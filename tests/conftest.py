@@ -58,3 +58,26 @@ def load_weights():
         return out
 
     return load
+
+
+@pytest.fixture
+def native_on(monkeypatch):
+    """The native kernels even under MERGER_NATIVE=0 (which keeps the engine off them, not their tests);
+    a skip only where they cannot be built."""
+    from merger.engine import calibrate, native
+
+    choices = calibrate.choices  # the memoised function itself (a test may replace the module attribute)
+    forced = os.environ.get("MERGER_NATIVE", "1") == "0"
+    if forced:
+        monkeypatch.setenv("MERGER_NATIVE", "1")
+        native._library.cache_clear()
+        choices.cache_clear()
+    try:
+        if native.step_kernel(torch.float32) is None or native.gemv_kernel(torch.bfloat16) is None:
+            pytest.skip(native.status())
+        yield
+    finally:
+        if forced:
+            native._library.cache_clear()
+            choices.cache_clear()
+

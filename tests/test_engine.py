@@ -4,7 +4,6 @@ KV-cache, sampling and tokenizer invariants. Every model here is tiny, seeded an
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -268,23 +267,6 @@ def test_bf16_model_tracks_the_fp32_model(models):
     # same argmax nearly everywhere, and the logits within bf16 rounding of the fp32 ones
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
     assert (a - b).abs().max() < 0.1 * a.abs().max()
-
-
-@pytest.fixture
-def native_on(monkeypatch):
-    """The native kernels even under MERGER_NATIVE=0 (which keeps the engine off them, not their tests);
-    a skip only where they cannot be built."""
-    forced = os.environ.get("MERGER_NATIVE", "1") == "0"
-    if forced:
-        monkeypatch.setenv("MERGER_NATIVE", "1")
-        native._library.cache_clear()
-    try:
-        if native.gemv_kernel(torch.bfloat16) is None:
-            pytest.skip(native.status())
-        yield
-    finally:
-        if forced:
-            native._library.cache_clear()
 
 
 @pytest.mark.parametrize("half_math", ["as calibrated on this CPU", "native everywhere (as on AVX2 CPUs)"])

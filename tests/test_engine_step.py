@@ -4,7 +4,6 @@ routed experts, mixed dense/MoE layers, q/k/v, o and MLP biases, q/k norms, slid
 not a multiple of 8, longrope), plus the cases it leaves to the per-op path. Runs wherever the kernels build."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 from arch_models import VOCAB, build
 from torch.testing import assert_close
 
-from merger.engine import calibrate, native, step
+from merger.engine import calibrate, step
 from merger.engine.generate import generate_ids
 from merger.engine.model import ContextError, load_model
 
@@ -20,25 +19,11 @@ transformers = pytest.importorskip("transformers")
 
 SEQ = torch.randint(3, VOCAB, (1, 30), generator=torch.Generator().manual_seed(3))
 PREFILL = 12  # then 18 decode steps: past every sliding window here (6-10)
-CHOICES = calibrate.choices  # the memoised function itself (tests replace the module attribute)
 
 
 @pytest.fixture(autouse=True)
-def native_on(monkeypatch):
-    """The kernels even under MERGER_NATIVE=0 (that keeps the engine off them, not their tests)."""
-    forced = os.environ.get("MERGER_NATIVE", "1") == "0"
-    if forced:
-        monkeypatch.setenv("MERGER_NATIVE", "1")
-        native._library.cache_clear()
-        CHOICES.cache_clear()
-    try:
-        if native.step_kernel(torch.float32) is None:
-            pytest.skip(native.status())
-        yield
-    finally:
-        if forced:
-            native._library.cache_clear()
-            CHOICES.cache_clear()
+def _native(native_on):
+    """Every test here runs the kernels (conftest's native_on)."""
 
 
 def _save(model: torch.nn.Module, path: Path, seed: int) -> Path:
