@@ -235,8 +235,6 @@ def one_round():
     tok, t = 3, time.perf_counter()
     for _ in range(a["new"] - 1):  # one token at a time, as a decode does (llama-bench's tg)
         llm.eval([tok])
-        tok = int(max(range(len(llm.scores[llm.n_tokens - 1])), key=llm.scores[llm.n_tokens - 1].__getitem__)) \
-            if a["sample"] else tok
     out["decode"] = (a["new"] - 1) / (time.perf_counter() - t)
     return out
 
@@ -284,7 +282,7 @@ class LlamaRunner:
     def __init__(self, python: str, gguf: Path, tokens: list[int], lengths: list[int], prompt_len: int, new: int,
                  threads: int):
         args = {"gguf": str(gguf), "threads": threads, "ctx": max(lengths + [prompt_len]) + new + 8,
-                "prompt": tokens, "prompt_len": prompt_len, "lengths": lengths, "new": new, "sample": False}
+                "prompt": tokens, "prompt_len": prompt_len, "lengths": lengths, "new": new}
         self.proc = subprocess.Popen([python, "-c", LLAMA_WORKER, json.dumps(args)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
         self.version = json.loads(self.proc.stdout.readline())["ready"]

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from statistics import median
 from pathlib import Path
 
 import yaml
@@ -38,11 +39,6 @@ METHODS: dict[str, dict | None] = {
     "slerp": None, "nearswap": None,
 }
 GLOBAL = {"slerp": {"t": 0.3}, "nearswap": {"t": 0.001}, "sce": {"select_topk": 0.5}}
-
-
-def median(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
 
 
 def make_models(root: Path, preset: str) -> list[Path]:

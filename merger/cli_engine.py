@@ -13,6 +13,23 @@ import typer
 from merger.errors import MergerError
 
 
+def dtype_option(name: str | None, error: type[Exception] = MergerError):
+    """--dtype as a torch dtype (None: the checkpoint's), or one `error` line."""
+    from merger.io.dtypes import parse_dtype
+
+    try:
+        return parse_dtype(name) if name else None
+    except ValueError as e:
+        raise error(f"--dtype: {e}") from None
+
+
+def device_option(device: str, error: type[Exception] = MergerError) -> str:
+    """--device checked (cpu or cuda[:n]), or one `error` line."""
+    if device != "cpu" and not device.startswith("cuda"):
+        raise error(f"--device: unknown device {device!r}; use cpu or cuda")
+    return device
+
+
 def generate_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Model folder: config.json, safetensors, tokenizer.json.")],
     prompt: Annotated[str, typer.Argument(help="Prompt text.")],
@@ -32,14 +49,8 @@ def generate_cmd(
     from merger.engine.model import load_model
     from merger.engine.sampling import check_params
     from merger.engine.tokenizer import check_text, load_tokenizer
-    from merger.io.dtypes import parse_dtype
 
-    try:
-        torch_dtype = parse_dtype(dtype) if dtype else None
-    except ValueError as e:
-        raise MergerError(f"--dtype: {e}") from None
-    if device != "cpu" and not device.startswith("cuda"):
-        raise MergerError(f"--device: unknown device {device!r}; use cpu or cuda")
+    torch_dtype, device = dtype_option(dtype), device_option(device)
     check_params(temperature, top_k, top_p, max_new_tokens, seed)  # before a large model loads
     check_text(prompt, "prompt")
     model, tok = load_model(model_dir, torch_dtype, device), load_tokenizer(model_dir)
@@ -64,13 +75,9 @@ def route_cmd(
     html: Annotated[Optional[Path], typer.Option("--html", help="Also write the routing as one HTML page.")] = None,
 ) -> None:
     """Show which experts each layer routes each prompt to, and with what weight."""
-    from merger.io.dtypes import parse_dtype
     from merger.moe.route import format_report, route_report
 
-    try:
-        torch_dtype = parse_dtype(dtype) if dtype else None
-    except ValueError as e:
-        raise MergerError(f"--dtype: {e}") from None
+    torch_dtype, device = dtype_option(dtype), device_option(device)
     if plot:
         from merger.moe.plot import require_matplotlib
 

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from merger.cli_engine import device_option, dtype_option
 from merger.errors import EvalError, SearchError
 
 WINDOW_HELP = ("Window = min(the model's context, --window) tokens. Longer texts are scored in windows "
@@ -19,21 +20,6 @@ TextOpt = Annotated[Optional[list[Path]], typer.Option(
                    "repeatable, each file is one domain named after it.")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="float32 or bfloat16 (float16 too); default: the checkpoint's.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda[:n].")]
-
-
-def _dtype(name: str | None, error: type[Exception]):
-    from merger.io.dtypes import parse_dtype
-
-    try:
-        return parse_dtype(name) if name else None
-    except ValueError as e:
-        raise error(f"--dtype: {e}") from None
-
-
-def _device(device: str, error: type[Exception]) -> str:
-    if device != "cpu" and not device.startswith("cuda"):
-        raise error(f"--device: unknown device {device!r}; use cpu or cuda")
-    return device
 
 
 def _texts(paths: list[Path] | None):
@@ -59,7 +45,7 @@ def eval_cmd(
     per text domain; with --against, how far a merge moved from each parent."""
     from merger.evaluate.report import evaluate
 
-    torch_dtype, device = _dtype(dtype, EvalError), _device(device, EvalError)
+    torch_dtype, device = dtype_option(dtype, EvalError), device_option(device, EvalError)
     report = evaluate(models, _texts(text), against=against, dtype=torch_dtype, device=device, window=window,
                       progress=False if quiet else None)
     typer.echo(report.to_json() if as_json else report.format_table())
@@ -102,7 +88,7 @@ def search_cmd(
     from merger.evaluate.search import search
 
     need_optuna()
-    torch_dtype, device = _dtype(dtype, SearchError), _device(device, SearchError)
+    torch_dtype, device = dtype_option(dtype, SearchError), device_option(device, SearchError)
     if save_recipe is not None and save_recipe.exists() and not save_recipe.is_file():
         raise SearchError(f"--save-recipe {save_recipe}: exists and is not a file; give a file name")
     echo = lambda m: typer.echo(m, err=True)  # noqa: E731

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from arch_models import spread
 from torch.testing import assert_close
 
 from merger import synth
@@ -24,21 +25,6 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 512
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """transformers' init (std 0.02) makes routing near-uniform; spread weights so experts really differ."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif p.dim() == 1:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-
-
 def _save_hf(model: torch.nn.Module, path: Path) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     synth.write_tokenizer(path, VOCAB)
@@ -52,7 +38,7 @@ def _mixtral(path: Path, experts: int = 4, top_k: int = 2, seed: int = 1) -> Pat
         bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     model = transformers.MixtralForCausalLM(cfg)
-    _randomize(model, seed)
+    spread(model, seed, zero_centred_norms=False)
     return _save_hf(model, path)
 
 
@@ -64,7 +50,7 @@ def _qwen2_moe(path: Path, seed: int = 2) -> Path:
         max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     model = transformers.Qwen2MoeForCausalLM(cfg)
-    _randomize(model, seed)
+    spread(model, seed, zero_centred_norms=False)
     return _save_hf(model, path)
 
 

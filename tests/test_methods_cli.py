@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_checks import assert_one_line_error
 from torch.testing import assert_close
 from typer.testing import CliRunner
 
@@ -102,13 +103,7 @@ def test_random_seed_reproducible_bytes(tmp_path, tiny_models):
 
 
 def assert_rejected(res, out: Path, *needles: str) -> None:
-    assert res.exit_code == 1, res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if "merger-tmp" in p.name]
+    assert_one_line_error(res.exit_code, res.stderr, out, *needles)
 
 
 def _bad(tiny, case: str) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from cli_checks import assert_one_line_error
 from torch.testing import assert_close
 from typer.testing import CliRunner
 
@@ -260,9 +261,4 @@ def test_bad_recipe_is_one_error_line(tmp_path, tiny_models, case, needles):
         models.append({"model": str(tiny_models["ft_b"])})
     recipe = {**case, "base_model": str(tiny_models["base"]), "models": models}
     res, out = cli_build(tmp_path, recipe)
-    assert res.exit_code == 1, res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    assert not out.exists()
+    assert_one_line_error(res.exit_code, res.stderr, out, *needles)

@@ -1,12 +1,10 @@
 """`linear`: the kernel calibrate.py measured fastest on this CPU for the dtype and the row count: the native
-gemv (decode) or gemm (prefill), F.linear, or out.T = W_block @ x.T over row blocks of the weight in float32.
+gemv (decode) or gemm (prefill), F.linear, or torch's float32 GEMM over upcast weight blocks (upcast.py).
 
-Why (measured on a 2-core AVX2 EPYC, torch 2.13): without native bf16/fp16 GEMM, a 64-row bf16 matmul
-costs ~4x the float32 one, and even in float32 the blocked form runs 1.1-2.5x faster than F.linear for
-8-512 rows (each 4 MiB block stays in cache). Half-precision blocks are upcast one at a time, so no
-float32 copy of a whole weight ever exists. Where the native kernels (native.py) could be built, few-row
-calls (decode) take their gemv, which reads weights at ~85% of the memory bandwidth (torch's GEMV: ~50-65%),
-and many-row calls their gemm (105-170 GFLOP/s on 2 cores), which widens half weights while packing them.
+Why the candidates (measured on a 2-core AVX2 EPYC, torch 2.13): without native bf16/fp16 GEMM, a 64-row bf16
+matmul costs ~4x the float32 one, which the upcast blocks avoid without a float32 copy of the weight; the
+native gemv reads weights at ~85% of the memory bandwidth (torch's GEMV: ~50-65%), and the native gemm
+widens half weights while packing them. Which wins differs by CPU, so it is measured, not assumed.
 """
 from __future__ import annotations
 

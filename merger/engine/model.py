@@ -109,7 +109,9 @@ class Transformer(nn.Module):
         # the native attention reads a bf16/fp16 cache as it is; without it, torch's one-query attention over
         # a float32 cache runs 3-8x faster on CPUs without fast half math (measured: 80-2000 keys, AVX2),
         # and bf16 K/V are exact in float32 (at 2x the cache memory)
-        native_attend = self.device.type == "cpu" and native.attend_kernel(self.dtype) is not None
+        # (Gemma 2's soft-capped attention is torch's, over a float32 cache where half math is slow)
+        native_attend = (self.device.type == "cpu" and self.config.attn_softcap is None
+                         and native.attend_kernel(self.dtype) is not None)
         dtype = torch.float32 if slow_half(self.dtype, self.device) and not native_attend else self.dtype
         self.cache = [KVCache(shape, dtype, self.device) for _ in self.layers]
         if step.unsupported(self, batch) is None:

@@ -104,12 +104,9 @@ class DecodeStep:
         return 0 <= pos < self.max_len and 0 <= token < self.vocab
 
     def __call__(self, token: int, pos: int) -> torch.Tensor:
-        rope = self.rope
-        if rope.length <= pos:
-            rope.grow(2 * (pos + 1))
-        cos, sin = rope.tables[1 if rope.switch is not None and pos + 1 > rope.switch else 0]
+        cos, sin = self.rope.get(pos, 1, torch.float32)  # the table's own row (float32 already)
         logits = torch.empty(1, 1, self.vocab, dtype=torch.float32)
-        if self.kernel(self._model_ref, token, pos, cos[pos].data_ptr(), sin[pos].data_ptr(), logits.data_ptr(),
+        if self.kernel(self._model_ref, token, pos, cos.data_ptr(), sin.data_ptr(), logits.data_ptr(),
                        torch.get_num_threads()):
             raise MemoryError("native decode step: no memory for its buffers")
         return logits

@@ -6,6 +6,7 @@ the search goes on; with a storage URL rerunning resumes the study and several m
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -181,17 +182,19 @@ def search(recipe_path: str | Path, space_path: str | Path, trials: int = 40, te
     """Run (or resume) a study of `trials` finished trials and return the best; with `out`, build it there."""
     from merger.io.output import check_output
     from merger.pipeline import build_recipe, local_inputs, protected_files
-    from merger.recipe_file import load_recipe, read_yaml
+    from merger.recipe_file import load_recipe, read_yaml, recipe_from_data
 
     optuna = need_optuna()
     echo = echo or (lambda m: print(m, file=sys.stderr, flush=True))
     if trials < 1:
         raise SearchError(f"--trials {trials}: run at least one trial")
     recipe_path = Path(recipe_path)
-    recipe = load_recipe(recipe_path)               # the recipe itself must be valid
     raw, recipe_text = read_yaml(recipe_path)
+    # the recipe itself must be valid (validation may rewrite the mapping it is given: a copy)
+    recipe = recipe_from_data(copy.deepcopy(raw), recipe_text, recipe_path, str(recipe_path))
+    base = absolute_plugins(raw, recipe_path)
     dims, space_text = load_space(space_path)
-    check_space(absolute_plugins(raw, recipe_path), dims, str(space_path), str(recipe_path))
+    check_space(base, dims, str(space_path), str(recipe_path))
     terms = parse_objective(objective)
     texts = list(texts) if texts else builtin_texts()
     if out is not None:  # an output that cannot be written fails now, not after the search
@@ -220,7 +223,6 @@ def search(recipe_path: str | Path, space_path: str | Path, trials: int = 40, te
         done = sum(_finished(t, states) for t in study.get_trials(deepcopy=False))
         if done:
             echo(f"study {name!r}: {done} of {trials} trials already finished")
-        base = absolute_plugins(raw, recipe_path)
         work = Path(work_dir) if work_dir is not None else None
 
         def run_trial(trial) -> float:

@@ -187,15 +187,17 @@ def absolute_plugins(data: dict[str, Any], recipe_path: Path) -> dict[str, Any]:
 
 
 def validate_data(data: dict[str, Any], label: str) -> None:
-    """The checks `load_recipe` runs on a recipe mapping (names, parameters, values), without a file."""
+    """The checks `load_recipe` runs on a recipe mapping (names, parameters, values), without a file (its
+    `plugins:` paths are absolute: absolute_plugins), less the one on parameter values together (della's
+    density ± epsilon): a value that cannot build is a failed trial, not a bad space."""
     from merger.moe.recipe import load_moe_recipe
-    from merger.recipe import MergeRecipe, load_recipe_plugins, parse_model, validate_merge_recipe
+    from merger.recipe import MergeRecipe, lift_single_module, load_recipe_plugins, parse_model, validate_merge_recipe
 
     load_recipe_plugins(data, label)
     if "experts" in data:
         load_moe_recipe(data, label)
     else:
-        validate_merge_recipe(parse_model(MergeRecipe, data, label), label)
+        validate_merge_recipe(parse_model(MergeRecipe, lift_single_module(data, label), label), label)
 
 
 def check_space(data: dict[str, Any], dims: list[Dim], space_path: str, recipe_label: str) -> None:

@@ -39,7 +39,7 @@ class Ram(MergeMethod):
             b = rows_b[sl].to(work)
             ds = [r[sl].to(work) - b for r in rows_t]
             active = [d.abs() > epsilon for d in ds]
-            count = torch.zeros(b.shape, dtype=torch.int32)
+            count = torch.zeros(b.shape, dtype=torch.int32, device=b.device)
             for a in active:
                 count += a
             yield sl, b, ds, active, count

@@ -71,7 +71,8 @@ class Sce(MergeMethod):
         for sl in blocks:
             ds = selected(sl)
             elected = torch.where(sum(ds[1:], ds[0].clone()) >= 0, 1.0, -1.0).to(ds[0].dtype)
-            acc = torch.zeros(ds[0].shape, dtype=torch.float32 if base.dtype != torch.float64 else base.dtype)
+            acc = torch.zeros(ds[0].shape, dtype=torch.float32 if base.dtype != torch.float64 else base.dtype,
+                              device=ds[0].device)
             divisor = torch.zeros_like(acc)
             for w, d in zip(weights, ds):
                 agree = torch.mul(d, elected) > 0

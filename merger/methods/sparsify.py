@@ -122,7 +122,7 @@ class MaskPlan:
 
 class DropAll(MaskPlan):
     def __call__(self, delta: torch.Tensor) -> torch.Tensor | None:
-        return torch.zeros(delta.shape, dtype=torch.bool)
+        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
 
 
 class RankWindow(MaskPlan):
@@ -181,7 +181,7 @@ class RankKeep(RandomKeep):
         if self.done:
             return self.drawn[r0:self.at]
         if self.drawn is None:
-            self.drawn = torch.empty((self.rows, delta.shape[1]), dtype=torch.bool)
+            self.drawn = torch.empty((self.rows, delta.shape[1]), dtype=torch.bool, device=delta.device)
         mask = self.drawn[r0:self.at]
         mask.copy_(self._draw(delta))
         return mask
@@ -189,11 +189,11 @@ class RankKeep(RandomKeep):
     def _draw(self, delta: torch.Tensor) -> torch.Tensor:
         width = delta.shape[1]
         order = torch.argsort(delta.abs(), dim=1, stable=True)
-        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(width).expand_as(order))
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(width, device=order.device).expand_as(order))
         if width > 1:
             prob = ranks.to(torch.float64).mul_(2 * self.epsilon / (width - 1)).add_(self.density - self.epsilon)
         else:
-            prob = torch.full(ranks.shape, self.density, dtype=torch.float64)
+            prob = torch.full(ranks.shape, self.density, dtype=torch.float64, device=ranks.device)
         return torch.rand(prob.shape, generator=self.generator, dtype=torch.float64).to(prob.device) < prob
 
 
