@@ -10,7 +10,7 @@ from typing import Any
 from merger.errors import warn
 
 
-def _kind(cfg: dict[str, Any], i: int, n: int) -> str | None:
+def _kind(cfg: dict[str, Any], i: int) -> str | None:
     """The attention kind transformers derives for layer i of a config without `layer_types`."""
     if isinstance(cfg.get("sliding_window_pattern"), int) and cfg["sliding_window_pattern"] > 0:
         return "full_attention" if (i + 1) % cfg["sliding_window_pattern"] == 0 else "sliding_attention"
@@ -24,8 +24,8 @@ def layer_updates(config: dict[str, Any], sources: list[tuple[dict[str, Any], in
     source config, for each (source config, a, b) range in output order."""
     n_out = sum(b - a for _, a, b in sources)
     out: dict[str, Any] = {}
+    n = config.get("num_hidden_layers")
     for key, value in config.items():
-        n = config.get("num_hidden_layers")
         if key == "mlp_only_layers" or not isinstance(value, list) or len(value) != n or not n:
             continue
         merged = []
@@ -34,7 +34,7 @@ def layer_updates(config: dict[str, Any], sources: list[tuple[dict[str, Any], in
             merged += (own if isinstance(own, list) and len(own) == cfg.get("num_hidden_layers") else value)[a:b]
         out[key] = merged
     if "layer_types" not in out:
-        kinds = [_kind(cfg, i, cfg.get("num_hidden_layers") or 0) for cfg, a, b in sources for i in range(a, b)]
+        kinds = [_kind(cfg, i) for cfg, a, b in sources for i in range(a, b)]
         if any(k is not None for k in kinds):
             out["layer_types"] = [k or "full_attention" for k in kinds]
             if "max_window_layers" in config:

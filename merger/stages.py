@@ -49,10 +49,6 @@ class Pipeline:
     def final(self) -> Stage:
         return self.stages[-1]
 
-    @property
-    def named(self) -> dict[str, Stage]:
-        return {s.name: s for s in self.stages if s.name}
-
 
 def _check_name(name: Any, where: str) -> str:
     if not isinstance(name, str) or not name.strip():

@@ -16,16 +16,12 @@ import torch
 from merger.cache import cache_dir
 from merger.errors import CheckpointError, OutputError
 from merger.io.dtypes import dtype_name, parse_dtype
-from merger.io.gguf_arch import FAMILIES, apply, hf_config, tensor_plan, unpermute_rotary
+from merger.io.gguf_arch import apply, hf_config, tensor_plan
 from merger.io.gguf_tokenizer import check_tokenizer, write_tokenizer_files
 from merger.io.hf import write_config
 from merger.io.output import StagedOutput, check_output
 from merger.io.writer import DEFAULT_SHARD_BYTES, ShardWriter, TensorSpec
 
-__all__ = ["ARCHITECTURES", "cached_folder", "content_key", "convert_gguf", "gguf_source", "hf_config",
-           "resolve_gguf", "tensor_plan", "unpermute_rotary"]
-
-ARCHITECTURES = {name: fam.architecture for name, fam in FAMILIES.items()}
 
 
 def convert_gguf(src: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.float32, force: bool = False,
