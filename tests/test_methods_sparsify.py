@@ -149,3 +149,71 @@ def test_reductions_match_float64():
     h = a.bfloat16()
     assert reduce.l1_norm(h) == pytest.approx(float(h.double().abs().sum()), rel=1e-6)
     assert_close(torch.tensor(reduce.dot(h, h)), h.double().square().sum().float(), rtol=1e-5, atol=0)
+
+
+def np_uniforms(seed: int, shape) -> np.ndarray:
+    """Reference stream: MT19937 seeded with the seed's low 32 bits (numpy's legacy seeding is the standard
+    init_genrand), two words per draw, (first << 32 | second) mod 2^53 times 2^-53."""
+    bits = np.random.MT19937(0)
+    bits._legacy_seeding(seed & 0xFFFFFFFF)
+    n = int(np.prod(shape))
+    words = bits.random_raw(2 * n).astype(np.uint64)
+    joined = (words[0::2] << np.uint64(32)) | words[1::2]
+    return ((joined & np.uint64((1 << 53) - 1)).astype(np.float64) * 2.0 ** -53).reshape(shape)
+
+
+def test_random_keep_is_the_same_stream_on_every_cpu():
+    # Not torch's bernoulli_, whose stream is MKL's on Intel CPUs and MT19937 elsewhere.
+    d = torch.ones(300, 170)
+    for seed in (5, 2**40 + 17):
+        m = sparsify.materialize(sparsify.RandomKeep(0.3, seed), d)
+        assert np.array_equal(m.numpy(), np_uniforms(seed, d.shape) < 0.3)
+
+
+def rank_inputs(dtype: torch.dtype, rows: int = 40, width: int = 301) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rows * width)
+    x = (torch.randn(rows, width, generator=g) * 0.01).to(dtype)
+    x.view(-1)[::7] = x.view(-1)[::7].mul(50).round().div(50)   # many equal magnitudes, zeros and -0
+    x[0, :3] = torch.tensor([0.0, -0.0, 0.0])
+    if dtype != torch.float64:
+        x[1, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan"), 1.0, -1.0])
+    return x
+
+
+def np_rank_keep(x: torch.Tensor, u: np.ndarray, density: float, eps: float) -> np.ndarray:
+    mag = np.abs(x.double().numpy())                      # NaN sorts last in numpy, equal ones in order
+    order = np.argsort(mag, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(x.shape[1])[None, :].repeat(x.shape[0], 0), axis=1)
+    prob = ranks.astype(np.float64) * (2 * eps / (x.shape[1] - 1)) + (density - eps)
+    return u < prob
+
+
+@pytest.fixture(params=["native", "torch"])
+def mask_kernels(request, monkeypatch):
+    """RankKeep with the native kernel (skipped only where it cannot be built) and on the torch path."""
+    from merger.methods import native
+
+    if request.param == "torch":
+        monkeypatch.setattr(native, "rank_keep", lambda *args: None)
+    else:
+        monkeypatch.setenv("MERGER_NATIVE", "1")
+        native.library.cache_clear()
+        if native.library()[0] is None:
+            pytest.skip(native.library()[1])
+    yield request.param
+    native.library.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_rank_keep_matches_a_stable_sort_reference(dtype, mask_kernels):
+    x = rank_inputs(dtype)
+    got = sparsify.materialize(sparsify.RankKeep(0.5, 0.3, 77, rows=x.shape[0]), x)
+    assert np.array_equal(got.numpy(), np_rank_keep(x, np_uniforms(77, x.shape), 0.5, 0.3))
+
+
+def test_row_ranks_matches_a_stable_sort_reference():
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = rank_inputs(dtype, rows=9, width=1000)
+        want = np.argsort(np.argsort(np.abs(x.double().numpy()), axis=1, kind="stable"), axis=1, kind="stable")
+        assert np.array_equal(sparsify.row_ranks(x).numpy(), want)

@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from merger.cache import cache_dir
+from merger import native_build
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # -ffp-contract=off: scalar math stays the separate multiplies and adds torch does (the kernels' FMAs are explicit)
@@ -60,38 +56,19 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, f"no kernel for {sys.platform}/{platform.machine()}"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None, f"CPU capability {torch.backends.cpu.get_cpu_capability()} lacks AVX2"
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        return None, "no C compiler found (set CC)"
-    key = source_key(cc)
-    lib_path = cache_dir("kernels") / f"{SOURCE.stem}-{key}.so"
-    if not lib_path.exists():
-        try:
-            lib_path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
-                out = Path(tmp) / lib_path.name
-                subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), *LIBS], check=True, capture_output=True,
-                               timeout=120)
-                os.replace(out, lib_path)  # atomic: a concurrent build just replaces it with the same file
-        except (OSError, subprocess.SubprocessError) as e:
-            detail = getattr(e, "stderr", b"") or b""
-            first = detail.decode(errors="replace").strip().splitlines()[:1]
-            return None, f"compiling {SOURCE.name} failed: {first[0] if first else e}"
-    try:
-        lib = ctypes.CDLL(str(lib_path))
-    except OSError as e:
-        return None, f"loading {lib_path} failed: {e}"
+    lib, why = native_build.load(SOURCE, FLAGS, LIBS)
+    if lib is None:
+        return None, why
     for op, (argtypes, restype, dtypes) in _SIGNATURES.items():
         for dtype in dtypes:
             fn = getattr(lib, f"merger_{op}_{_TYPES[dtype]}")
             fn.argtypes, fn.restype = argtypes, restype
-    return lib, f"{lib_path}"
+    return lib, why
 
 
 def source_key(cc: str | None = None) -> str:
     """Hash of the kernel source, the compiler and its flags: the compiled library's (and calibration's) key."""
-    cc = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or ""
-    return hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, *LIBS]).encode()).hexdigest()[:16]
+    return native_build.source_key(SOURCE, FLAGS, LIBS, cc)
 
 
 def library() -> tuple[ctypes.CDLL | None, str]:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
+
+from merger.methods import native
 
 # Non-negative IEEE floats order exactly like their bit patterns read as signed integers.
 _KEY_DTYPE = {torch.float32: torch.int32, torch.float64: torch.int64,
@@ -110,6 +113,37 @@ def find_cut(blocks: Callable[[], Iterator[torch.Tensor]], sample: torch.Tensor,
     return Cut(lo, k - c_hi)                      # every key in [lo, hi) equals lo
 
 
+@dataclass
+class KernelMask:
+    """One block's mask in the form the combine kernel (native.py) applies it: "keep", "drop", "cuts"
+    (membership in cuts[0] and not in cuts[1], their states being `lefts` at the block's start), "uniform"
+    (u < p) or "bools"; `torch_mask` makes the same mask in torch, from that same starting state."""
+
+    kind: str
+    cuts: tuple[Cut, ...] = ()
+    lefts: tuple[int, ...] = ()
+    u: torch.Tensor | None = None
+    p: float = 0.0
+    bools: torch.Tensor | None = None
+
+    def torch_mask(self, delta: torch.Tensor) -> torch.Tensor | None:
+        if self.kind == "keep":
+            return None
+        if self.kind == "drop":
+            return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+        if self.kind == "uniform":
+            return (self.u < self.p).to(delta.device)
+        if self.kind == "bools":
+            return self.bools.to(delta.device)
+        for cut, left in zip(self.cuts, self.lefts):
+            cut.left = left
+        keys = keys_of(delta)
+        mask = self.cuts[0](keys)
+        if len(self.cuts) > 1:
+            mask &= ~self.cuts[1](keys)
+        return mask
+
+
 class MaskPlan:
     """Makes one model's mask block by block; `restart()` before each pass over the blocks."""
 
@@ -119,10 +153,17 @@ class MaskPlan:
     def __call__(self, delta: torch.Tensor) -> torch.Tensor | None:
         return None                               # keep everything
 
+    def kernel_mask(self, shape: torch.Size) -> KernelMask | None:
+        """The next block's mask (`shape` rows) without its delta, or None: call the plan on the delta."""
+        return KernelMask("keep") if type(self) is MaskPlan else None
+
 
 class DropAll(MaskPlan):
     def __call__(self, delta: torch.Tensor) -> torch.Tensor | None:
         return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+
+    def kernel_mask(self, shape: torch.Size) -> KernelMask | None:
+        return KernelMask("drop")
 
 
 class RankWindow(MaskPlan):
@@ -143,9 +184,18 @@ class RankWindow(MaskPlan):
             mask &= ~self.inner(keys)
         return mask
 
+    def kernel_mask(self, shape: torch.Size) -> KernelMask | None:
+        cuts = (self.outer,) if self.inner is None else (self.outer, self.inner)
+        return KernelMask("cuts", cuts=cuts, lefts=tuple(c.left for c in cuts))
+
 
 class RandomKeep(MaskPlan):
-    """DARE: keep each entry independently with probability `density`."""
+    """DARE: keep each entry independently with probability `density`.
+
+    The draws are the seed's MT19937 stream, two 32-bit words per entry making a 53-bit uniform u
+    ((first << 32 | second) mod 2⁵³ · 2⁻⁵³), kept when u < density: torch.rand's float64 stream. Not
+    `bernoulli_`, whose stream depends on the CPU's vendor (MKL's generator on Intel), so the same
+    recipe and seed give the same model on every machine."""
 
     def __init__(self, density: float, seed: int):
         self.density, self.seed = density, seed
@@ -154,9 +204,15 @@ class RandomKeep(MaskPlan):
     def restart(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
 
+    def uniforms(self, shape: torch.Size) -> torch.Tensor:
+        return torch.rand(shape, generator=self.generator, dtype=torch.float64)
+
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
-        keep = torch.empty(delta.shape, dtype=torch.bool).bernoulli_(self.density, generator=self.generator)
+        keep = self.uniforms(delta.shape) < self.density
         return keep.to(delta.device)  # drawn on the CPU: the same mask whatever device merges
+
+    def kernel_mask(self, shape: torch.Size) -> KernelMask | None:
+        return KernelMask("uniform", u=self.uniforms(shape), p=self.density)
 
 
 class RankKeep(RandomKeep):
@@ -186,15 +242,44 @@ class RankKeep(RandomKeep):
         mask.copy_(self._draw(delta))
         return mask
 
+    def kernel_mask(self, shape: torch.Size) -> KernelMask | None:
+        if not self.done:
+            return None                           # the first pass ranks the delta
+        r0, self.at = self.at, self.at + shape[0]
+        return KernelMask("bools", bools=self.drawn[r0:self.at])
+
     def _draw(self, delta: torch.Tensor) -> torch.Tensor:
         width = delta.shape[1]
-        order = torch.argsort(delta.abs(), dim=1, stable=True)
-        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(width, device=order.device).expand_as(order))
-        if width > 1:
-            prob = ranks.to(torch.float64).mul_(2 * self.epsilon / (width - 1)).add_(self.density - self.epsilon)
-        else:
-            prob = torch.full(ranks.shape, self.density, dtype=torch.float64, device=ranks.device)
-        return torch.rand(prob.shape, generator=self.generator, dtype=torch.float64).to(prob.device) < prob
+        u = self.uniforms(delta.shape)
+        if width == 1:
+            return u.to(delta.device) < self.density
+        scale, offset = 2 * self.epsilon / (width - 1), self.density - self.epsilon
+        keep = native.rank_keep(delta, u, scale, offset)
+        if keep is not None:
+            return keep
+        prob = row_ranks(delta).to(torch.float64).mul_(scale).add_(offset)
+        return u.to(prob.device) < prob
+
+
+def row_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Per row of a 2-D tensor, each entry's rank by |value| ascending, equal ones by position (int64).
+
+    One stable sort of the whole block on the keys (row << key bits | magnitude key), which torch
+    runs as a radix sort, instead of one comparison sort per row; NaNs rank above inf, all equal."""
+    rows, width = values.shape
+    keys = keys_of(values)
+    bits = 8 * keys.element_size() - 1
+    if bits > 31 or rows.bit_length() + bits > 62:    # float64 keys: one sort per row
+        order = torch.argsort(keys, dim=1, stable=True)
+        return torch.empty_like(order).scatter_(1, order, torch.arange(width, device=order.device).expand_as(order))
+    nan = int(torch.tensor(float("inf"), dtype=values.dtype if values.dtype in _KEY_DTYPE else torch.float32)
+              .view(keys.dtype)) + 1
+    composite = keys.clamp(max=nan).to(torch.int64)
+    composite |= (torch.arange(rows, device=keys.device) << bits).unsqueeze(1)
+    order = torch.argsort(composite.view(-1), stable=True)
+    ranks = torch.empty(rows * width, dtype=torch.int64, device=keys.device)
+    ranks[order] = torch.arange(width, device=keys.device).repeat(rows)
+    return ranks.view(rows, width)
 
 
 def magnitude_plan(deltas: Callable[[], Iterator[torch.Tensor]], sample: torch.Tensor, n: int,

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from merger.methods import sparsify
+from merger.methods import native, sparsify
 from merger.methods.base import MergeContext, MergeMethod
 from merger.methods.reduce import l1_norm
 
@@ -98,46 +98,66 @@ class TaskArithmetic(MergeMethod):
         rows_b, rows_t, blocks, plans, scales = self._prepare(tensors, base, params, model_params, ctx)
         weights = [mp.weight for mp in model_params]
         total = sum(weights)
+        divisor = total if abs(total) >= 1e-8 else 1.0
         # Half-precision inputs accumulate in float32: one rounding at the end, not one per model.
         work = torch.float32 if base.dtype in (torch.bfloat16, torch.float16) else base.dtype
         out = torch.empty_like(base)
         rows_out = sparsify.rows_of(out)
+        kernel = native.combine_kernel(base.dtype) if base.is_cpu and base.is_contiguous() and all(
+            t.is_contiguous() for t in tensors) else None
+        alphas = [w * s for w, s in zip(weights, scales)]
         for p in plans:
             p.restart()
         # Pass B, block by block: every temporary is one block, never a whole tensor.
         for sl in blocks:
             b = rows_b[sl]
-            kept = []
-            for rows, plan in zip(rows_t, plans):
-                d = rows[sl] - b
-                m = plan(d)
-                kept.append(d if m is None else d.mul_(m))
-            acc = kept[0].to(work, copy=True).mul_(weights[0] * scales[0])
-            for w, s, d in zip(weights[1:], scales[1:], kept[1:]):
-                acc.add_(d, alpha=w * s)
-            if self.elect_sign:
-                acc = self._elect(acc, kept, weights, scales, params.normalize)
-            elif params.normalize:
-                acc.div_(total if abs(total) >= 1e-8 else 1.0)
-            if params.lambda_ != 1:
-                acc.mul_(params.lambda_)
-            rows_out[sl] = acc.add_(b)
+            if kernel is None:
+                deltas = [rows[sl] - b for rows in rows_t]
+                masks = [plan(d) for plan, d in zip(plans, deltas)]
+            else:
+                shape = b.shape
+                kmasks = [plan.kernel_mask(shape) or self._bools(plan, rows[sl] - b) for plan, rows in zip(plans, rows_t)]
+                if native.combine(kernel, rows_out[sl], b, [rows[sl] for rows in rows_t], kmasks, alphas, weights,
+                                  self.elect_sign, params.normalize, divisor, params.lambda_):
+                    continue
+                deltas = [rows[sl] - b for rows in rows_t]   # a NaN in this block: torch's bits for it
+                masks = [km.torch_mask(d) for km, d in zip(kmasks, deltas)]
+            rows_out[sl] = self._combine(b, deltas, masks, weights, alphas, work, params, divisor)
         return out
 
     @staticmethod
-    def _elect(acc, kept, weights, scales, normalize: bool) -> torch.Tensor:
+    def _bools(plan: sparsify.MaskPlan, delta: torch.Tensor) -> sparsify.KernelMask:
+        mask = plan(delta)
+        return sparsify.KernelMask("keep") if mask is None else sparsify.KernelMask("bools", bools=mask)
+
+    def _combine(self, b, deltas, masks, weights, alphas, work, params, divisor) -> torch.Tensor:
+        """One block in torch: the masked deltas' weighted sum (or TIES election), lambda, plus the base."""
+        kept = [d if m is None else d.mul_(m) for d, m in zip(deltas, masks)]
+        acc = kept[0].to(work, copy=True).mul_(alphas[0])
+        for a, d in zip(alphas[1:], kept[1:]):
+            acc.add_(d, alpha=a)
+        if self.elect_sign:
+            acc = self._elect(acc, kept, weights, alphas, params.normalize)
+        elif params.normalize:
+            acc.div_(divisor)
+        if params.lambda_ != 1:
+            acc.mul_(params.lambda_)
+        return acc.add_(b)
+
+    @staticmethod
+    def _elect(acc, kept, weights, alphas, normalize: bool) -> torch.Tensor:
         """TIES: majority sign = sign of the weighted sum (>= 0 counts as +); an entry of model i
         agrees when sign(wᵢ·Δᵢ) equals it, so trimmed (zero) entries never count."""
         elected = torch.where(acc >= 0, 1.0, -1.0).to(kept[0].dtype)
         out = acc.zero_()
         divisor = torch.zeros_like(acc) if normalize else None
-        for w, s, d in zip(weights, scales, kept):
+        for w, a, d in zip(weights, alphas, kept):
             if w == 0:
                 continue
             # d·elected > 0 exactly when d's sign is the elected one (zeros never agree); flipped for w < 0.
             agree = torch.mul(d, elected)
             agree = agree > 0 if w > 0 else agree < 0
-            out.add_(d.mul_(agree), alpha=w * s)
+            out.add_(d.mul_(agree), alpha=a)
             if divisor is not None:
                 divisor.add_(agree, alpha=w)
         if divisor is not None:

@@ -1,0 +1,301 @@
+/* Kernels for the merge methods, built and loaded by native.py.
+ *
+ * rank_keep: DELLA's MagPrune draw for rows of a 2-D block. Per row, every entry's rank by magnitude
+ * (ascending, equal magnitudes by position) comes from a stable LSD radix sort of integer keys: the value's
+ * bits without the sign, every NaN folded to one key just above infinity (so NaNs rank last, in order).
+ * Entry i is kept when u[i] < rank * scale + offset, computed in double with two roundings (the multiply,
+ * then the add), exactly as the torch path computes it; build with -ffp-contract=off so no FMA joins them.
+ *
+ * combine: pass B of the task-vector family (task_arithmetic.py) over one contiguous block, element by
+ * element, in one pass instead of some twenty torch ops: each model's delta rounded to the input type, its
+ * mask, the weighted sum, TIES' sign election and divisor, lambda, the base, the output rounded to the input
+ * type. Every step is the operation torch performs, in its order: a torch `add_(x, alpha=a)` is a fused
+ * multiply-add of x and float(a) on CPUs with FMA (so this kernel exists only where FMA and F16C do), a
+ * product by a mask is a real product (a dropped negative entry is -0), division is true division. A NaN
+ * anywhere returns 2 and the caller redoes the block with torch, whose NaN bit patterns differ by code path.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+/* rows x width values of elem_bytes (2 or 4) each, row stride ld elements; u and keep are contiguous rows.
+ * Returns 0, or 1 when scratch memory could not be allocated (nothing written then). */
+int merger_rank_keep(const void *x, int elem_bytes, long rows, long width, long ld, uint32_t absmask,
+                     uint32_t nan_key, const double *u, double scale, double offset, uint8_t *keep) {
+    uint32_t *buf = malloc(sizeof(uint32_t) * 4 * (size_t)width);
+    if (!buf)
+        return 1;
+    uint32_t *key = buf, *idx = buf + width, *key2 = buf + 2 * width, *idx2 = buf + 3 * width;
+    const int digits = elem_bytes; /* one 8-bit digit per key byte */
+    long hist[4][256];
+    for (long r = 0; r < rows; r++) {
+        memset(hist, 0, sizeof(hist));
+        if (elem_bytes == 4) {
+            const uint32_t *row = (const uint32_t *)x + r * ld;
+            for (long i = 0; i < width; i++) {
+                uint32_t k = row[i] & absmask;
+                key[i] = k > nan_key ? nan_key : k;
+            }
+        } else {
+            const uint16_t *row = (const uint16_t *)x + r * ld;
+            for (long i = 0; i < width; i++) {
+                uint32_t k = row[i] & absmask;
+                key[i] = k > nan_key ? nan_key : k;
+            }
+        }
+        for (long i = 0; i < width; i++) {
+            uint32_t k = key[i];
+            idx[i] = (uint32_t)i;
+            for (int d = 0; d < digits; d++)
+                hist[d][(k >> (8 * d)) & 255]++;
+        }
+        uint32_t *sk = key, *si = idx, *dk = key2, *di = idx2;
+        for (int d = 0; d < digits; d++) {
+            const int shift = 8 * d;
+            long *h = hist[d];
+            if (h[(sk[0] >> shift) & 255] == width)
+                continue; /* every key has this digit: the pass would not move anything */
+            long at = 0;
+            for (int b = 0; b < 256; b++) {
+                long c = h[b];
+                h[b] = at;
+                at += c;
+            }
+            for (long i = 0; i < width; i++) {
+                uint32_t k = sk[i];
+                long p = h[(k >> shift) & 255]++;
+                dk[p] = k;
+                di[p] = si[i];
+            }
+            uint32_t *t = sk; sk = dk; dk = t;
+            t = si; si = di; di = t;
+        }
+        const double *ur = u + r * width;
+        uint8_t *kr = keep + r * width;
+        for (long j = 0; j < width; j++) {
+            uint32_t i = si[j];
+            double p = (double)j * scale;
+            p = p + offset;
+            kr[i] = ur[i] < p;
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+#if defined(__FMA__) && defined(__F16C__)
+enum { KEEP_ALL, DROP_ALL, CUTS, UNIFORM, BOOLS };
+
+/* One model's input to combine; field order and types mirror native.py's CombineModel. */
+typedef struct {
+    const void *t;              /* the model's block, same type and length as the base's */
+    int32_t kind;               /* how its mask is made */
+    int32_t has_inner;          /* CUTS: drop the inner cut's members from the outer cut's */
+    int64_t outer_thr, outer_left, inner_thr, inner_left; /* CUTS: keys above thr, then `left` equal to it */
+    const double *u;            /* UNIFORM: keep where u < p */
+    double p;
+    const uint8_t *bools;       /* BOOLS: the mask itself */
+    float alpha;                /* float(weight * rescale) */
+    float weight;               /* float(weight): the divisor's step */
+    int32_t elects;             /* weight != 0: takes part in the election */
+    int32_t positive;           /* weight > 0 */
+} combine_model;
+
+enum { T_BF16, T_FP16, T_FP32 };
+#define TILE 256
+#define MAX_MODELS 64
+
+/* len elements of type at p + off, as float32 */
+static inline void load_tile(const void *p, long off, int len, float *x, const int type) {
+    if (type == T_FP32) {
+        memcpy(x, (const float *)p + off, sizeof(float) * len);
+    } else if (type == T_BF16) {
+        const uint16_t *h = (const uint16_t *)p + off;
+        uint32_t *u = (uint32_t *)x;
+        for (int j = 0; j < len; j++)
+            u[j] = (uint32_t)h[j] << 16;
+    } else {
+        const uint16_t *h = (const uint16_t *)p + off;
+        int j = 0;
+        for (; j + 8 <= len; j += 8)
+            _mm256_storeu_ps(x + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + j))));
+        for (; j < len; j++)
+            x[j] = _cvtsh_ss(h[j]);
+    }
+}
+
+/* x rounded to the type in place (NaN never reaches the caller's result) and the keys of |x| as torch's
+ * keys_of orders them: the bits without the sign */
+static inline void round_tile(float *x, int32_t *key, int len, const int type) {
+    uint32_t *u = (uint32_t *)x;
+    if (type == T_FP32) {
+        for (int j = 0; j < len; j++)
+            key[j] = (int32_t)(u[j] & 0x7FFFFFFF);
+    } else if (type == T_BF16) {
+        for (int j = 0; j < len; j++) {
+            uint32_t h = (u[j] + 0x7FFF + ((u[j] >> 16) & 1)) >> 16; /* round to nearest even */
+            key[j] = (int32_t)(h & 0x7FFF);
+            u[j] = h << 16;
+        }
+    } else {
+        uint16_t h[TILE];
+        int j = 0;
+        for (; j + 8 <= len; j += 8)
+            _mm_storeu_si128((__m128i *)(h + j), _mm256_cvtps_ph(_mm256_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT));
+        for (; j < len; j++)
+            h[j] = _cvtss_sh(x[j], _MM_FROUND_TO_NEAREST_INT);
+        load_tile(h, 0, len, x, T_FP16);
+        for (j = 0; j < len; j++)
+            key[j] = h[j] & 0x7FFF;
+    }
+}
+
+static inline void store_tile(void *p, long off, int len, float *x, const int type) {
+    if (type == T_FP32) {
+        memcpy((float *)p + off, x, sizeof(float) * len);
+    } else if (type == T_BF16) {
+        const uint32_t *u = (const uint32_t *)x;
+        uint16_t *h = (uint16_t *)p + off;
+        for (int j = 0; j < len; j++)
+            h[j] = (uint16_t)((u[j] + 0x7FFF + ((u[j] >> 16) & 1)) >> 16);
+    } else {
+        uint16_t *h = (uint16_t *)p + off;
+        int j = 0;
+        for (; j + 8 <= len; j += 8)
+            _mm_storeu_si128((__m128i *)(h + j), _mm256_cvtps_ph(_mm256_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT));
+        for (; j < len; j++)
+            h[j] = _cvtss_sh(x[j], _MM_FROUND_TO_NEAREST_INT);
+    }
+}
+
+/* keep[j] (1 or 0) = membership in a cut: keys above thr, then the first `left` keys equal to it */
+static inline void cut_tile(const int32_t *key, int len, int64_t thr, int64_t *left, float *keep, int invert) {
+    const float in = invert ? 0.0f : 1.0f, out = invert ? 1.0f : 0.0f;
+    float t[TILE];
+    for (int j = 0; j < len; j++)
+        t[j] = (int64_t)key[j] > thr ? in : out;
+    if (*left > 0) {
+        for (int j = 0; j < len && *left > 0; j++)
+            if ((int64_t)key[j] == thr) {
+                t[j] = in;
+                (*left)--;
+            }
+    }
+    if (invert) /* the inner cut's members leave the outer cut's */
+        for (int j = 0; j < len; j++)
+            keep[j] = keep[j] * t[j];
+    else
+        memcpy(keep, t, sizeof(float) * len);
+}
+
+static inline __attribute__((always_inline)) int combine(long n, const void *b, combine_model *m, int count,
+                                                        int elect, int normalize, float total, int scale_by,
+                                                        float lambda, void *out, const int type) {
+    if (count < 1 || count > MAX_MODELS)
+        return 1;
+    static __thread float k[MAX_MODELS][TILE];
+    float bv[TILE], acc[TILE], keep[TILE], sign[TILE], sum[TILE], divisor[TILE];
+    int32_t key[TILE];
+    int nan = 0;
+    for (long off = 0; off < n; off += TILE) {
+        const int len = n - off < TILE ? (int)(n - off) : TILE;
+        load_tile(b, off, len, bv, type);
+        for (int i = 0; i < count; i++) {
+            float *d = k[i];
+            load_tile(m[i].t, off, len, d, type);
+            for (int j = 0; j < len; j++)
+                d[j] = d[j] - bv[j];
+            round_tile(d, key, len, type);
+            switch (m[i].kind) {
+            case KEEP_ALL:
+                continue;
+            case DROP_ALL:
+                for (int j = 0; j < len; j++)
+                    keep[j] = 0.0f;
+                break;
+            case CUTS:
+                cut_tile(key, len, m[i].outer_thr, &m[i].outer_left, keep, 0);
+                if (m[i].has_inner)
+                    cut_tile(key, len, m[i].inner_thr, &m[i].inner_left, keep, 1);
+                break;
+            case UNIFORM: {
+                const double *u = m[i].u + off;
+                const double p = m[i].p;
+                for (int j = 0; j < len; j++)
+                    keep[j] = u[j] < p ? 1.0f : 0.0f;
+                break;
+            }
+            default: {
+                const uint8_t *bools = m[i].bools + off;
+                for (int j = 0; j < len; j++)
+                    keep[j] = bools[j] ? 1.0f : 0.0f;
+            }
+            }
+            for (int j = 0; j < len; j++) /* a product, as torch's: a dropped negative entry is -0 */
+                d[j] = d[j] * keep[j];
+        }
+        const float a0 = m[0].alpha;
+        for (int j = 0; j < len; j++)
+            acc[j] = k[0][j] * a0;
+        for (int i = 1; i < count; i++) {
+            const float a = m[i].alpha;
+            for (int j = 0; j < len; j++)
+                acc[j] = fmaf(k[i][j], a, acc[j]);
+        }
+        if (elect) {
+            for (int j = 0; j < len; j++) {
+                sign[j] = acc[j] >= 0 ? 1.0f : -1.0f;
+                sum[j] = 0.0f;
+                divisor[j] = 0.0f;
+            }
+            for (int i = 0; i < count; i++) {
+                if (!m[i].elects)
+                    continue;
+                const float a = m[i].alpha, w = m[i].weight;
+                const float flip = m[i].positive ? 1.0f : -1.0f; /* w < 0: agreeing entries have s < 0 */
+                for (int j = 0; j < len; j++) {
+                    const float s = k[i][j] * sign[j] * flip; /* exact: only signs change */
+                    const float agree = s > 0 ? 1.0f : 0.0f;
+                    sum[j] = fmaf(k[i][j] * agree, a, sum[j]);
+                    divisor[j] = fmaf(agree, w, divisor[j]);
+                }
+            }
+            if (normalize)
+                for (int j = 0; j < len; j++)
+                    acc[j] = sum[j] / (divisor[j] == 0 ? 1.0f : divisor[j]);
+            else
+                memcpy(acc, sum, sizeof(float) * len);
+        } else if (normalize) {
+            for (int j = 0; j < len; j++)
+                acc[j] = acc[j] / total;
+        }
+        if (scale_by)
+            for (int j = 0; j < len; j++)
+                acc[j] = acc[j] * lambda;
+        int bad = 0;
+        for (int j = 0; j < len; j++) {
+            acc[j] = acc[j] + bv[j];
+            bad |= acc[j] != acc[j];
+        }
+        for (int i = 0; i < count; i++)
+            for (int j = 0; j < len; j++)
+                bad |= k[i][j] != k[i][j];
+        nan |= bad;
+        store_tile(out, off, len, acc, type);
+    }
+    return nan ? 2 : 0;
+}
+
+#define COMBINE(name, type)                                                                                  \
+    int merger_combine_##name(long n, const void *b, combine_model *m, int count, int elect, int normalize,  \
+                              float total, int scale_by, float lambda, void *out) {                           \
+        return combine(n, b, m, count, elect, normalize, total, scale_by, lambda, out, type);               \
+    }
+COMBINE(bf16, T_BF16)
+COMBINE(fp16, T_FP16)
+COMBINE(fp32, T_FP32)
+#endif

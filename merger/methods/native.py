@@ -1,0 +1,129 @@
+"""The merge methods' native kernels (method_kernels.c), compiled on first use like the engine's and
+called via ctypes (which releases the GIL, so merge workers run it side by side). Optional: without a
+C compiler, or with MERGER_NATIVE=0, `rank_keep` returns None and the caller takes the torch path, which
+gives the same bits."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import platform
+from pathlib import Path
+
+import torch
+
+from merger import native_build
+
+SOURCE = Path(__file__).with_name("method_kernels.c")
+# AVX2, FMA and F16C on x86 (library() checks the CPU): the combine kernel exists only with FMA and F16C
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fPIC", "-shared"] + (["-mavx2", "-mfma", "-mf16c"] if platform.machine() == "x86_64" else [])
+# dtype -> (bytes per element, bits without the sign, the key every NaN becomes: infinity's plus one)
+_KEYS = {torch.float32: (4, 0x7FFFFFFF, 0x7F800001), torch.bfloat16: (2, 0x7FFF, 0x7F81),
+         torch.float16: (2, 0x7FFF, 0x7C01)}
+_P, _L, _I, _U, _D, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_uint32, ctypes.c_double, ctypes.c_float
+
+
+@functools.cache
+def library() -> tuple[ctypes.CDLL | None, str]:
+    if platform.machine() == "x86_64" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None, f"CPU capability {torch.backends.cpu.get_cpu_capability()} lacks AVX2"  # built with FMA
+    lib, why = native_build.load(SOURCE, FLAGS, [])
+    if lib is not None:
+        lib.merger_rank_keep.argtypes = [_P, _I, _L, _L, _L, _U, _U, _P, _D, _D, _P]
+        lib.merger_rank_keep.restype = _I
+        for name in _COMBINE_TYPES.values():
+            fn = getattr(lib, f"merger_combine_{name}", None)
+            if fn is not None:  # n, base, models, count, elect, normalize, total, scale_by, lambda, out
+                fn.argtypes = [_L, _P, _P, _I, _I, _I, _F, _I, _F, _P]
+                fn.restype = _I
+    return lib, why
+
+
+def rank_keep(values: torch.Tensor, u: torch.Tensor, scale: float, offset: float) -> torch.Tensor | None:
+    """Bool [rows, width]: u < rank·scale + offset, rank being each entry's place by |value| within its row
+    (ascending, ties by position, NaNs last); None when the kernel is unavailable for these tensors."""
+    lib, _ = library()
+    if lib is None or values.dtype not in _KEYS or values.dim() != 2 or not values.is_cpu:
+        return None
+    rows, width = values.shape
+    if values.stride(1) != 1:
+        values = values.contiguous()
+    u = u.to(torch.float64).contiguous()
+    if u.shape != values.shape:
+        raise ValueError(f"rank_keep: uniforms {tuple(u.shape)} do not match values {tuple(values.shape)}")
+    size, absmask, nan_key = _KEYS[values.dtype]
+    keep = torch.empty((rows, width), dtype=torch.bool)
+    if lib.merger_rank_keep(values.data_ptr(), size, rows, width, values.stride(0), absmask, nan_key,
+                            u.data_ptr(), scale, offset, keep.data_ptr()):
+        raise MemoryError(f"rank_keep: no memory for a {width}-entry row")
+    return keep
+
+
+class CombineModel(ctypes.Structure):
+    """One model's input to the combine kernel: the C struct combine_model, field for field."""
+    _fields_ = [("t", _P), ("kind", ctypes.c_int32), ("has_inner", ctypes.c_int32),
+                ("outer_thr", ctypes.c_int64), ("outer_left", ctypes.c_int64),
+                ("inner_thr", ctypes.c_int64), ("inner_left", ctypes.c_int64),
+                ("u", _P), ("p", _D), ("bools", _P), ("alpha", ctypes.c_float), ("weight", ctypes.c_float),
+                ("elects", ctypes.c_int32), ("positive", ctypes.c_int32)]
+
+
+KINDS = {"keep": 0, "drop": 1, "cuts": 2, "uniform": 3, "bools": 4}
+_COMBINE_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+MAX_MODELS = 64
+
+
+def combine_kernel(dtype: torch.dtype):
+    """The fused pass-B kernel for blocks of `dtype`, or None: it needs a C compiler and an x86 CPU on which
+    torch's own ops use FMA (AVX2 or AVX-512, which `library` checks), so that both paths round alike."""
+    lib, _ = library()
+    if lib is None or dtype not in _COMBINE_TYPES or not hasattr(lib, "merger_combine_fp32"):
+        return None
+    return getattr(lib, f"merger_combine_{_COMBINE_TYPES[dtype]}")
+
+
+def combine(kernel, out: torch.Tensor, base: torch.Tensor, tensors: list[torch.Tensor], masks: list,
+            alphas: list[float], weights: list[float], elect: bool, normalize: bool, total: float,
+            lam: float) -> bool:
+    """out = the family's merge of one block (contiguous CPU tensors of one dtype and length); `masks` are
+    sparsify.KernelMask. False, with `out` partly written and every cut's state as before, when a NaN was
+    met: the caller redoes the block in torch."""
+    if len(tensors) > MAX_MODELS:
+        raise ValueError(f"combine: at most {MAX_MODELS} models, got {len(tensors)}")
+    n = base.numel()
+    for t in (out, base, *tensors):
+        if t.numel() != n or not t.is_contiguous() or t.dtype != base.dtype or not t.is_cpu:
+            raise ValueError("combine: blocks must be contiguous CPU tensors of one dtype and length")
+    models = (CombineModel * len(tensors))()
+    keep = []                                          # the arrays the structs point into
+    for m, t, mask, a, w in zip(models, tensors, masks, alphas, weights):
+        m.t, m.kind, m.alpha, m.weight = t.data_ptr(), KINDS[mask.kind], a, w
+        m.elects, m.positive = int(w != 0), int(w > 0)
+        if mask.kind == "cuts":
+            outer, inner = (mask.cuts + (None,))[:2]
+            m.outer_thr, m.outer_left = outer.thr, outer.left
+            if inner is not None:
+                m.has_inner, m.inner_thr, m.inner_left = 1, inner.thr, inner.left
+        elif mask.kind == "uniform":
+            u = mask.u.to(torch.float64).contiguous()
+            if u.numel() != n:
+                raise ValueError("combine: uniforms do not match the block")
+            keep.append(u)
+            m.u, m.p = u.data_ptr(), mask.p
+        elif mask.kind == "bools":
+            bools = mask.bools.to(torch.bool).contiguous()
+            if bools.numel() != n:
+                raise ValueError("combine: mask does not match the block")
+            keep.append(bools)
+            m.bools = bools.data_ptr()
+    rc = kernel(n, base.data_ptr(), models, len(tensors), int(elect), int(normalize), total,
+                int(lam != 1), lam, out.data_ptr())
+    if rc == 1:
+        raise ValueError("combine: the kernel refused its arguments")
+    if rc == 2:
+        return False
+    for m, mask in zip(models, masks):
+        if mask.kind == "cuts":
+            mask.cuts[0].left = m.outer_left
+            if len(mask.cuts) > 1:
+                mask.cuts[1].left = m.inner_left
+    return True
