@@ -111,11 +111,13 @@ def run_tensors(tensors: list[OutputTensor], shards: ShardWriter, progress: Prog
             t = tensors[k]
             try:
                 ahead.begin(k)
-                value = t.compute()
+                place = shards.mapped(t.name) if t.writes_out else None
+                value = t.compute(out=place) if place is not None else t.compute()
                 saved = value.to(t.dtype)
                 check_finite(t, value, saved)
-                writer.put(t.name, saved, lambda k=k: ahead.release(k))
-                del value, saved
+                in_place = place is not None and saved.data_ptr() == place.data_ptr()
+                writer.put(t.name, None if in_place else saved, lambda k=k: ahead.release(k))
+                del value, saved, place
             except BaseException as e:
                 errors.append((k, e))
                 ahead.close()  # wakes every thread waiting for memory or reads

@@ -54,7 +54,7 @@ class MergeJob:
         self.compute_dtype, self.seed, self.shape, self.reader = compute_dtype, seed, shape, reader
         self.device = device
 
-    def __call__(self) -> torch.Tensor:
+    def __call__(self, out: torch.Tensor | None = None) -> torch.Tensor:
         cls = type(self.method)
         if self.reader is not None:
             tensors, base = self.reader(self.compute_dtype)
@@ -65,7 +65,8 @@ class MergeJob:
             tensors = [t.to(self.device, non_blocking=True) for t in tensors]
             base = base.to(self.device) if base is not None else None
         ctx = MergeContext(name=self.name, generator=torch.Generator().manual_seed(tensor_seed(self.seed, self.name)),
-                           dtype=self.compute_dtype, device=self.device)
+                           dtype=self.compute_dtype, device=self.device,
+                           out=out if self.device.type == "cpu" and getattr(cls, "writes_out", False) else None)
         try:
             out = self.method.merge(tensors, base, self.params, self.model_params, ctx)
         except ValueError as e:  # the contract's way to reject parameter values: the user's to fix
@@ -241,8 +242,10 @@ def plan_merge(recipe: MergeRecipe, ckpts: dict[str, Checkpoint], label: str = "
                        params, model_params, compute, seed, shape, reader, merge_device)
         blame = (f"{who(method_cls)} with these parameters ({', '.join(sorted(set(origins)))})" if origins
                  else who(method_cls))
-        tensors.append(OutputTensor(out_name, shape, out_dt or ref_ck.dtype(names[ref_src.model]), job,
-                                    job.inputs + ([job.base] if job.base else []), blame))
+        saved_dt = out_dt or ref_ck.dtype(names[ref_src.model])
+        tensors.append(OutputTensor(out_name, shape, saved_dt, job, job.inputs + ([job.base] if job.base else []),
+                                    blame, writes_out=bool(getattr(method_cls, "writes_out", False))
+                                    and saved_dt == compute and merge_device.type == "cpu"))
 
     def non_layer(part: tuple, pre: bool) -> None:
         slice_level, inputs, base_src, ref_src = part

@@ -24,14 +24,16 @@ def tensor_seed(seed: int, name: str) -> int:
 class OutputTensor:
     """One tensor of the output. `compute()` reads its inputs and returns it (any float dtype; the
     executor casts to `dtype`). `sources` are the input tensors it reads, and `blame` names what to
-    fix when the result is not finite although they are (a method and its parameters, a recipe field)."""
+    fix when the result is not finite although they are (a method and its parameters, a recipe field).
+    With `writes_out`, `compute(out=t)` may compute into t (shaped and typed as the output) and return it."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    compute: Callable[[], torch.Tensor]
+    compute: Callable[..., torch.Tensor]
     sources: list[tuple[Checkpoint, str]] = field(default_factory=list)
     blame: str = ""
+    writes_out: bool = False
 
 
 @dataclass

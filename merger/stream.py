@@ -193,8 +193,12 @@ class Writer:
             name, tensor, then = item
             try:
                 if self.error is None:
-                    fd = self.shards.write(name, tensor)
-                    self.unsynced[fd] = self.unsynced.get(fd, 0) + tensor.numel() * tensor.element_size()
+                    # tensor None: the method computed it into its place in the shard (ShardWriter.mapped)
+                    if tensor is not None:
+                        fd, nbytes = self.shards.write(name, tensor), tensor.numel() * tensor.element_size()
+                    else:
+                        fd, nbytes = self.shards.wrote(name), self.shards.specs[name].nbytes
+                    self.unsynced[fd] = self.unsynced.get(fd, 0) + nbytes
                     if self.unsynced[fd] >= SYNC_EVERY:
                         os.fdatasync(fd)
                         self.unsynced[fd] = 0
@@ -204,7 +208,7 @@ class Writer:
                 del tensor
                 then()
 
-    def put(self, name: str, tensor: torch.Tensor, then: Callable[[], None]) -> None:
+    def put(self, name: str, tensor: torch.Tensor | None, then: Callable[[], None]) -> None:
         if self.error is not None:
             raise self.error
         self.q.put((name, tensor, then))

@@ -1,7 +1,8 @@
-"""The merge methods' fused native kernel (method_kernels.c) against the torch path it replaces: the same bits
+"""The merge methods' native kernels (method_kernels.c) against the torch path they replace: the same bits
 for every method of the task-vector family, every input dtype, negative and zero weights, λ, normalize, masks
-whose ties cross tile and block edges, and NaN/inf inputs (where the kernel hands the block back to torch).
-The torch path itself is checked against float64 references in test_methods_task_arithmetic.py."""
+whose ties cross tile and block edges, and NaN/inf inputs (where the kernel hands the block back to torch);
+the histogram thresholds against find_cut, the MT19937 stream against torch.rand. The torch path itself is
+checked against float64 references in test_methods_task_arithmetic.py and test_methods_sparsify.py."""
 from __future__ import annotations
 
 import itertools
@@ -31,12 +32,12 @@ def kernel(monkeypatch):
 
 
 def both_paths(name, tensors, base, params, model_params, seed, monkeypatch):
-    """(torch path's result, native path's result) of one merge."""
+    """(the torch path's result, the native kernels' result) of one merge."""
     cls = plugins.methods()[name]
     ctx = lambda: MergeContext(name="w", generator=torch.Generator().manual_seed(seed), dtype=base.dtype)  # noqa: E731
     fused = cls().merge(tensors, base, params, model_params, ctx())
     with monkeypatch.context() as m:
-        m.setattr(native, "combine_kernel", lambda dtype: None)
+        m.setattr(native, "library", lambda: (None, "off for this test"))
         plain = cls().merge(tensors, base, params, model_params, ctx())
     return plain, fused
 
@@ -89,3 +90,45 @@ def test_combine_refuses_blocks_that_do_not_fit(kernel):
     with pytest.raises(ValueError, match="uniforms do not match"):
         native.combine(k, torch.empty(8), a, [a], [sparsify.KernelMask("uniform", u=torch.zeros(3), p=0.5)],
                        [1.0], [1.0], False, False, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_top_cuts_equal_find_cut(dtype, kernel):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(300, 77, generator=g).to(dtype)
+    t = (base.float() + (0.1 * torch.randn(300, 77, generator=g)).mul(64).round().div(64)).to(dtype)  # many ties
+    t.view(-1)[::11] = base.view(-1)[::11]
+    d = t - base
+    n = d.numel()
+    rows = sparsify.rows_of(d)
+    blocks = lambda: (sparsify.keys_of(rows[sl]) for sl in sparsify.row_blocks(rows))  # noqa: E731
+    ks = [1, 2, 17, n // 3, n // 2, n - n // 11, n - 1]
+    got = native.top_cuts(t, base, ks)
+    for k, (thr, need) in zip(ks, got):
+        want = sparsify.find_cut(blocks, sparsify.keys_of(sparsify.strided_sample(d)), n, k)
+        assert (thr, need) == (want.thr, want.need), k
+    t.view(-1)[5] = float("nan")
+    assert native.top_cuts(t, base, ks) is None          # NaN keys: the torch path counts them
+
+
+def test_stream_is_torch_rand_float64(kernel):
+    for seed in (0, 5, 2**40 + 3):
+        g = torch.Generator().manual_seed(seed)
+        s = native.stream(seed)
+        for k in (1, 311, 312, 313, 1, 623, 624, 1000, 5):   # draws straddling the generator's 624-word twists
+            assert torch.equal(s.uniforms((k,)), torch.rand(k, dtype=torch.float64, generator=g))
+
+
+def test_linear_kernel_gives_torchs_bits(kernel):
+    g = torch.Generator().manual_seed(1)
+    for n in (1, 7, 255, 256, 257, 100_003):
+        for ws in ((0.3, 0.5, 0.2), (1.0,), (0.7, -0.4), (0.1,) * 5):
+            ts = [torch.randn(n, generator=g) for _ in ws]
+            want = ts[0] * ws[0]
+            for w, t in zip(ws[1:], ts[1:]):
+                want.add_(t, alpha=w)
+            out = torch.full((n,), float("nan"))
+            assert native.linear(ts, list(ws), out) is out and same_bits(out, want), (n, ws)
+    assert native.linear([torch.zeros(4, dtype=torch.bfloat16)], [1.0]) is None   # torch's own bf16 rounding
+    with pytest.raises(ValueError, match="out must be"):
+        native.linear([torch.zeros(4)], [1.0], torch.zeros(5))

@@ -162,7 +162,7 @@ def np_uniforms(seed: int, shape) -> np.ndarray:
     return ((joined & np.uint64((1 << 53) - 1)).astype(np.float64) * 2.0 ** -53).reshape(shape)
 
 
-def test_random_keep_is_the_same_stream_on_every_cpu():
+def test_random_keep_is_the_same_stream_on_every_cpu(mask_kernels):
     # Not torch's bernoulli_, whose stream is MKL's on Intel CPUs and MT19937 elsewhere.
     d = torch.ones(300, 170)
     for seed in (5, 2**40 + 17):
@@ -191,18 +191,19 @@ def np_rank_keep(x: torch.Tensor, u: np.ndarray, density: float, eps: float) -> 
 
 @pytest.fixture(params=["native", "torch"])
 def mask_kernels(request, monkeypatch):
-    """RankKeep with the native kernel (skipped only where it cannot be built) and on the torch path."""
+    """The masks' draws and ranks by the native kernels (skipped only where they cannot be built) and by torch."""
     from merger.methods import native
 
+    library = native.library                      # the memoised loader itself
     if request.param == "torch":
-        monkeypatch.setattr(native, "rank_keep", lambda *args: None)
+        monkeypatch.setattr(native, "library", lambda: (None, "off for this test"))
     else:
         monkeypatch.setenv("MERGER_NATIVE", "1")
-        native.library.cache_clear()
-        if native.library()[0] is None:
-            pytest.skip(native.library()[1])
+        library.cache_clear()
+        if library()[0] is None:
+            pytest.skip(library()[1])
     yield request.param
-    native.library.cache_clear()
+    library.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])

@@ -12,6 +12,8 @@ import pytest
 import torch
 import yaml
 
+from safetensors.torch import load_file
+
 from merger.io.writer import write_tensors
 from merger.pipeline import build_recipe, prepare
 from merger.recipe_file import load_recipe
@@ -106,6 +108,53 @@ def test_any_number_of_workers_writes_the_same_bytes(tmp_path, tiny_models):
         assert res.exit_code == 0, res.stderr
         outs.append((tmp_path / f"out{n}" / "model.safetensors").read_bytes())
     assert outs[0] == outs[1] == outs[2]
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_methods_compute_into_the_output_file_and_write_the_same_bytes(method, tmp_path, tiny_models, monkeypatch):
+    from typer.testing import CliRunner
+
+    from merger.cli import app
+    from merger.io import writer
+
+    m = {k: str(v) for k, v in tiny_models.items()}
+    r = {"merge_method": method, "models": [{"model": m[k], "parameters": {"weight": w, "density": 0.5}}
+                                            for k, w in (("ft_a", 0.6), ("ft_b", 0.3))]}
+    if method == "ties":
+        r["base_model"] = m["base"]
+    else:
+        r["models"] = [{"model": x["model"], "parameters": {"weight": x["parameters"]["weight"]}} for x in r["models"]]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    in_place = []
+    real = writer.ShardWriter.wrote
+    monkeypatch.setattr(writer.ShardWriter, "wrote", lambda self, name: in_place.append(name) or real(self, name))
+
+    def build(out: str) -> bytes:
+        res = CliRunner().invoke(app, ["build", str(tmp_path / "r.yaml"), str(tmp_path / out), "-q"])
+        assert res.exit_code == 0, res.stderr
+        return (tmp_path / out / "model.safetensors").read_bytes()
+
+    mapped = build("mapped")
+    assert len(in_place) == 4 * 9 + 3                  # every tensor of the 4-layer model went in place
+    monkeypatch.setattr(writer.ShardWriter, "mapped", lambda self, name: None)
+    assert build("written") == mapped
+
+
+def test_a_mapped_output_lands_in_the_file_and_needs_reserved_blocks(tmp_path, monkeypatch):
+    from merger.io import writer
+
+    specs = [writer.TensorSpec("a", (3, 5), torch.float32)]
+    with writer.ShardWriter(tmp_path, specs) as w:
+        view = w.mapped("a")
+        view.copy_(torch.arange(15.0).view(3, 5))
+        w.wrote("a")
+        del view
+        w.finish()
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["a"], torch.arange(15.0).view(3, 5))
+    monkeypatch.setattr(writer, "_reserve", lambda fd, size: os.ftruncate(fd, size) or False)
+    (tmp_path / "sparse").mkdir()
+    with writer.ShardWriter(tmp_path / "sparse", specs) as w:
+        assert w.mapped("a") is None                   # a full disk would SIGBUS a write through the mapping
 
 
 class _Source:

@@ -3,6 +3,7 @@
 Names, shapes and dtypes are known before any tensor is computed (from the plan), so the shards are
 laid out up front: each shard's header is written first, its space reserved (a full disk fails before
 the merge starts), and every tensor goes straight to its offset when it is ready; nothing is buffered.
+A method that can computes straight into its tensor's place in the file (`mapped`).
 The files are laid out as safetensors' own `save_file` lays them out (tensors by dtype, then name;
 header padded to 8 bytes), so identical merges give byte-identical files. `finish()` writes the index
 (or a single `model.safetensors` when everything fits in one shard).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import re
 from collections.abc import Iterable
@@ -70,6 +72,7 @@ class _Shard:
     offsets: dict[str, int]             # absolute file offset of each tensor's data
     size: int                           # the whole file
     fd: int = -1
+    reserved: bool = False              # its blocks are allocated: writes through a mapping cannot hit a full disk
 
 
 def _layout(file: str, specs: list[TensorSpec], metadata: dict[str, str]) -> _Shard:
@@ -159,7 +162,7 @@ class ShardWriter:
             try:
                 sh.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
                 _write_all(sh.fd, sh.header, 0)
-                _reserve(sh.fd, sh.size)
+                sh.reserved = _reserve(sh.fd, sh.size)
             except OSError as e:
                 raise disk_error(e, path, self.total_bytes) from None
 
@@ -182,6 +185,35 @@ class ShardWriter:
         self._written.add(name)
         self.written_bytes += spec.nbytes
         return sh.fd
+
+    def mapped(self, name: str) -> torch.Tensor | None:
+        """Planned tensor `name` as a writable view of its bytes in the shard (a shared mapping), for a method to
+        compute into: no buffer of its own to fault in and no copy into the page cache. Unmapped when the last
+        view goes. None where that is not safe or possible: blocks not reserved (a full disk would then kill the
+        process), an offset not aligned to the dtype, no data, no mmap."""
+        spec = self.specs[name]
+        sh = self._shard_of[name]
+        offset, n = sh.offsets[name], spec.nbytes
+        if not sh.reserved or n == 0 or offset % spec.dtype.itemsize or name in self._written:
+            return None
+        first = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            region = mmap.mmap(sh.fd, offset + n - first, flags=mmap.MAP_SHARED,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=first)
+        except (OSError, ValueError, AttributeError):
+            return None
+        # Pages fault in as the method writes them. MADV_POPULATE_WRITE first was slower here (ext4: linear
+        # 3 x 2.7 GB took 7.0 s against 4.9 s), as it readies every reserved block's page up front.
+        raw = torch.frombuffer(region, dtype=torch.uint8, offset=offset - first, count=n)
+        return raw.view(spec.dtype).view(spec.shape)
+
+    def wrote(self, name: str) -> int:
+        """Planned tensor `name` was computed into its `mapped` view; returns the shard's file descriptor."""
+        if name in self._written:
+            raise ValueError(f"tensor {name} written twice")
+        self._written.add(name)
+        self.written_bytes += self.specs[name].nbytes
+        return self._shard_of[name].fd
 
     def finish(self) -> list[str]:
         """Check every planned tensor was written, flush the shards to disk, write the index."""
@@ -217,16 +249,17 @@ def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         done += n
 
 
-def _reserve(fd: int, size: int) -> None:
-    """Allocate the file's blocks now where the filesystem can (else just set its length)."""
+def _reserve(fd: int, size: int) -> bool:
+    """Allocate the file's blocks now where the filesystem can (else just set its length); True if allocated."""
     if size and hasattr(os, "posix_fallocate"):
         try:
             os.posix_fallocate(fd, 0, size)
-            return
+            return True
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise
     os.ftruncate(fd, size)
+    return False
 
 
 def write_tensors(out_dir: str | Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES,

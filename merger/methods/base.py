@@ -22,12 +22,15 @@ class MergeContext:
     """What a method may know besides the tensors: the output name, a seeded generator (on the CPU, so
     draws do not depend on the device), the dtype and the device the tensors are on. The input tensors
     are the method's only for the call: return a new tensor (or one of them), keep no reference. Calls
-    for different tensors may run at the same time in different threads."""
+    for different tensors may run at the same time in different threads. `out`, given only to methods
+    that set `writes_out`, is where the result will be saved (the output file's own bytes, of the
+    result's shape and `dtype`): a method may compute into it and return it, saving a copy."""
 
     name: str
     generator: torch.Generator
     dtype: torch.dtype
     device: torch.device = torch.device("cpu")
+    out: torch.Tensor | None = None
 
 
 class MergeMethod:
@@ -41,6 +44,8 @@ class MergeMethod:
     # Bounds on len(tensors) (the inputs other than a separately passed base).
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
+    # True: merge() may write its result into ctx.out (see MergeContext).
+    writes_out: ClassVar[bool] = False
 
     Params: ClassVar[type[BaseModel]] = NoParams
     ModelParams: ClassVar[type[BaseModel]] = NoParams

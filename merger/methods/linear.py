@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from merger.methods import native
 from merger.methods.base import MergeContext, MergeMethod
 
 
@@ -13,6 +14,7 @@ class Linear(MergeMethod):
     reference = "https://arxiv.org/abs/2203.05482"
     base = "optional"
     base_is_input = True
+    writes_out = True
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -33,8 +35,11 @@ class Linear(MergeMethod):
             total = sum(weights)
             # Normalising the weights first keeps a one-model merge bit-exact (w/w == 1).
             weights = [w / total for w in weights]
+        out = native.linear(tensors, weights, ctx.out)   # the same bits as below, in one pass
+        if out is not None:
+            return out
         # Start from the first product rather than zeros: one pass less over a fresh tensor.
-        out = tensors[0] * weights[0]
+        out = torch.mul(tensors[0], weights[0], out=ctx.out) if ctx.out is not None else tensors[0] * weights[0]
         for w, t in zip(weights[1:], tensors[1:]):
             out.add_(t, alpha=w)
         return out

@@ -13,6 +13,15 @@
  * multiply-add of x and float(a) on CPUs with FMA (so this kernel exists only where FMA and F16C do), a
  * product by a mask is a real product (a dropped negative entry is -0), division is true division. A NaN
  * anywhere returns 2 and the caller redoes the block with torch, whose NaN bit patterns differ by code path.
+ *
+ * mt_seed / mt_uniforms: the MT19937 stream of a torch CPU generator seeded with the same seed (its low 32 bits,
+ * init_genrand), as torch.rand(dtype=float64) reads it: two words per draw, (first << 32 | second) mod 2^53
+ * times 2^-53. DARE and DELLA draw their masks from it.
+ *
+ * linear: Σ wᵢ·tᵢ in one pass, with the rounding of linear.py's torch ops.
+ *
+ * key_hist: histograms of the same magnitude keys, from which native.top_cuts reads TIES' exact threshold in
+ * two passes over the inputs instead of find_cut's counting passes.
  */
 #include <math.h>
 #include <stdint.h>
@@ -85,6 +94,66 @@ int merger_rank_keep(const void *x, int elem_bytes, long rows, long width, long 
     }
     free(buf);
     return 0;
+}
+
+typedef struct {
+    uint32_t mt[624];
+    int32_t next;
+} mt_state;
+
+void merger_mt_seed(mt_state *s, uint64_t seed) {
+    s->mt[0] = (uint32_t)seed;
+    for (int i = 1; i < 624; i++)
+        s->mt[i] = 1812433253u * (s->mt[i - 1] ^ (s->mt[i - 1] >> 30)) + (uint32_t)i;
+    s->next = 624;
+}
+
+static inline uint32_t mt_mix(uint32_t hi, uint32_t lo, uint32_t far) {
+    uint32_t y = (hi & 0x80000000u) | (lo & 0x7FFFFFFFu);
+    return far ^ (y >> 1) ^ ((0u - (y & 1u)) & 0x9908B0DFu);
+}
+
+static void mt_twist(mt_state *s) {
+    uint32_t *mt = s->mt;
+    int i = 0;
+    for (; i < 624 - 397; i++)
+        mt[i] = mt_mix(mt[i], mt[i + 1], mt[i + 397]);
+    for (; i < 623; i++)
+        mt[i] = mt_mix(mt[i], mt[i + 1], mt[i + 397 - 624]);
+    mt[623] = mt_mix(mt[623], mt[0], mt[396]);
+    s->next = 0;
+}
+
+static inline uint32_t mt_temper(uint32_t y) {
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9D2C5680u;
+    y ^= (y << 15) & 0xEFC60000u;
+    return y ^ (y >> 18);
+}
+
+void merger_mt_uniforms(mt_state *s, long n, double *out) {
+    long i = 0;
+    while (i < n) {
+        if (s->next >= 624)
+            mt_twist(s);
+        if (s->next == 623) { /* a draw whose two words straddle a twist */
+            uint64_t first = mt_temper(s->mt[623]);
+            mt_twist(s);
+            uint64_t x = (first << 32) | mt_temper(s->mt[s->next++]);
+            out[i++] = (double)(int64_t)(x & ((1ull << 53) - 1)) * 0x1p-53;
+            continue;
+        }
+        const uint32_t *mt = s->mt + s->next;
+        long m = (624 - s->next) / 2;
+        if (m > n - i)
+            m = n - i;
+        for (long j = 0; j < m; j++) {
+            uint64_t x = ((uint64_t)mt_temper(mt[2 * j]) << 32) | mt_temper(mt[2 * j + 1]);
+            out[i + j] = (double)(int64_t)(x & ((1ull << 53) - 1)) * 0x1p-53;
+        }
+        s->next += (int32_t)(2 * m);
+        i += m;
+    }
 }
 
 #if defined(__FMA__) && defined(__F16C__)
@@ -289,6 +358,104 @@ static inline __attribute__((always_inline)) int combine(long n, const void *b, 
     }
     return nan ? 2 : 0;
 }
+
+/* Histograms of magnitude keys, for find_cut's exact threshold in two passes instead of a sort: the keys of
+ * d = round(t - b) (the torch path's keys_of of the delta). high: hist[key >> 15] over every entry (for 16-bit
+ * types the key itself, which is < 2^15). low: hist[key & 0x7FFF] over the entries whose key >> 15 is `high`
+ * (32-bit types only). Returns 2 when a NaN is met (the caller takes the torch path), else 0. */
+static inline __attribute__((always_inline)) int key_hist(long n, const void *t, const void *b, int64_t high,
+                                                         int64_t *hist, const int type) {
+    float tv[TILE], bv[TILE];
+    int32_t key[TILE];
+    int nan = 0;
+    for (long off = 0; off < n; off += TILE) {
+        const int len = n - off < TILE ? (int)(n - off) : TILE;
+        load_tile(t, off, len, tv, type);
+        load_tile(b, off, len, bv, type);
+        int bad = 0;
+        for (int j = 0; j < len; j++) {
+            tv[j] = tv[j] - bv[j];
+            bad |= tv[j] != tv[j];
+        }
+        nan |= bad;
+        round_tile(tv, key, len, type);
+        if (high < 0) {
+            const int shift = type == T_FP32 ? 15 : 0;
+            for (int j = 0; j < len; j++)
+                hist[key[j] >> shift]++;
+        } else {
+            for (int j = 0; j < len; j++)
+                if ((key[j] >> 15) == high)
+                    hist[key[j] & 0x7FFF]++;
+        }
+    }
+    return nan ? 2 : 0;
+}
+
+#define KEY_HIST(name, type)                                                                                 \
+    int merger_key_hist_##name(long n, const void *t, const void *b, int64_t high, int64_t *hist) {         \
+        return key_hist(n, t, b, high, hist, type);                                                           \
+    }
+KEY_HIST(bf16, T_BF16)
+KEY_HIST(fp16, T_FP16)
+KEY_HIST(fp32, T_FP32)
+
+/* linear: out = t[0]·w[0] + t[1]·w[1] + ... over one contiguous tensor, as linear.py's torch ops compute it: the
+ * first product, then one fused multiply-add per further model (torch's add_(t, alpha=w)), each result rounded
+ * to the type (bf16 and fp16 merges round after every step, as torch's ops on those types do). */
+static inline __attribute__((always_inline)) int linear(long n, const void *const *t, const float *w, int count,
+                                                       void *out, const int type) {
+    if (count < 1 || count > MAX_MODELS)
+        return 1;
+    float acc[TILE], x[TILE];
+    int32_t key[TILE];
+    if (type == T_FP32) { /* straight from the inputs: no tile copies */
+        const float *const *tf = (const float *const *)t;
+        float *o = (float *)out;
+        for (long off = 0; off < n; off += TILE) {
+            const int len = n - off < TILE ? (int)(n - off) : TILE;
+            const float *t0 = tf[0] + off;
+            const float w0 = w[0];
+            for (int j = 0; j < len; j++)
+                acc[j] = t0[j] * w0;
+            for (int i = 1; i < count; i++) {
+                const float *ti = tf[i] + off;
+                const float wi = w[i];
+                for (int j = 0; j < len; j++)
+                    acc[j] = fmaf(ti[j], wi, acc[j]);
+            }
+            memcpy(o + off, acc, sizeof(float) * len);
+        }
+        return 0;
+    }
+    for (long off = 0; off < n; off += TILE) {
+        const int len = n - off < TILE ? (int)(n - off) : TILE;
+        load_tile(t[0], off, len, acc, type);
+        const float w0 = w[0];
+        for (int j = 0; j < len; j++)
+            acc[j] = acc[j] * w0;
+        if (type != T_FP32)
+            round_tile(acc, key, len, type);
+        for (int i = 1; i < count; i++) {
+            load_tile(t[i], off, len, x, type);
+            const float wi = w[i];
+            for (int j = 0; j < len; j++)
+                acc[j] = fmaf(x[j], wi, acc[j]);
+            if (type != T_FP32)
+                round_tile(acc, key, len, type);
+        }
+        store_tile(out, off, len, acc, type);
+    }
+    return 0;
+}
+
+#define LINEAR(name, type)                                                                                   \
+    int merger_linear_##name(long n, const void *const *t, const float *w, int count, void *out) {          \
+        return linear(n, t, w, count, out, type);                                                             \
+    }
+LINEAR(bf16, T_BF16)
+LINEAR(fp16, T_FP16)
+LINEAR(fp32, T_FP32)
 
 #define COMBINE(name, type)                                                                                  \
     int merger_combine_##name(long n, const void *b, combine_model *m, int count, int elect, int normalize,  \

@@ -30,10 +30,19 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     if lib is not None:
         lib.merger_rank_keep.argtypes = [_P, _I, _L, _L, _L, _U, _U, _P, _D, _D, _P]
         lib.merger_rank_keep.restype = _I
+        lib.merger_mt_seed.argtypes, lib.merger_mt_seed.restype = [_P, ctypes.c_uint64], None
+        lib.merger_mt_uniforms.argtypes, lib.merger_mt_uniforms.restype = [_P, _L, _P], None
         for name in _COMBINE_TYPES.values():
             fn = getattr(lib, f"merger_combine_{name}", None)
             if fn is not None:  # n, base, models, count, elect, normalize, total, scale_by, lambda, out
                 fn.argtypes = [_L, _P, _P, _I, _I, _I, _F, _I, _F, _P]
+                fn.restype = _I
+            fn = getattr(lib, f"merger_linear_{name}", None)
+            if fn is not None:  # n, tensors, weights, count, out
+                fn.argtypes, fn.restype = [_L, _P, _P, _I, _P], _I
+            fn = getattr(lib, f"merger_key_hist_{name}", None)
+            if fn is not None:  # n, t, base, high (-1: the high histogram), hist
+                fn.argtypes = [_L, _P, _P, ctypes.c_int64, _P]
                 fn.restype = _I
     return lib, why
 
@@ -56,6 +65,25 @@ def rank_keep(values: torch.Tensor, u: torch.Tensor, scale: float, offset: float
                             u.data_ptr(), scale, offset, keep.data_ptr()):
         raise MemoryError(f"rank_keep: no memory for a {width}-entry row")
     return keep
+
+
+class Stream:
+    """The MT19937 stream of `torch.Generator().manual_seed(seed)`, read as torch.rand(dtype=float64) reads it,
+    at about a quarter of torch's cost; `stream(seed)` gives None where the kernel is unavailable."""
+
+    def __init__(self, lib: ctypes.CDLL, seed: int):
+        self.lib, self.state = lib, ctypes.create_string_buffer(4 * 625)
+        lib.merger_mt_seed(self.state, seed & 0xFFFFFFFF)
+
+    def uniforms(self, shape) -> torch.Tensor:
+        out = torch.empty(shape, dtype=torch.float64)
+        self.lib.merger_mt_uniforms(self.state, out.numel(), out.data_ptr())
+        return out
+
+
+def stream(seed: int) -> Stream | None:
+    lib, _ = library()
+    return None if lib is None else Stream(lib, seed)
 
 
 class CombineModel(ctypes.Structure):
@@ -127,3 +155,64 @@ def combine(kernel, out: torch.Tensor, base: torch.Tensor, tensors: list[torch.T
             if len(mask.cuts) > 1:
                 mask.cuts[1].left = m.inner_left
     return True
+
+
+def key_hist_kernel(dtype: torch.dtype):
+    """The magnitude-key histogram kernel for `dtype` (see method_kernels.c), or None."""
+    lib, _ = library()
+    if lib is None or dtype not in _COMBINE_TYPES or not hasattr(lib, "merger_key_hist_fp32"):
+        return None
+    return getattr(lib, f"merger_key_hist_{_COMBINE_TYPES[dtype]}")
+
+
+def top_cuts(t: torch.Tensor, base: torch.Tensor, ks: list[int]) -> list[tuple[int, int]] | None:
+    """For each k (0 < k < numel), (thr, need) of the k largest magnitude keys of round(t - base): the k-th
+    largest key, and how many keys equal to it the top k take. Two histogram passes, shared by every k;
+    None when the kernel is unavailable or the delta has a NaN (the caller then counts in torch)."""
+    kernel = key_hist_kernel(base.dtype)
+    if (kernel is None or t.dtype != base.dtype or t.shape != base.shape or not t.is_contiguous()
+            or not base.is_contiguous() or not t.is_cpu or not base.is_cpu):
+        return None
+    n = base.numel()
+    wide = base.dtype == torch.float32
+    high = torch.zeros(1 << 16 if wide else 1 << 15, dtype=torch.int64)
+    if kernel(n, t.data_ptr(), base.data_ptr(), -1, high.data_ptr()):
+        return None
+    above_high = high.flip(0).cumsum(0).flip(0)        # above_high[v]: keys whose high part is >= v
+    cuts = []
+    lows: dict[int, torch.Tensor] = {}
+    for k in ks:
+        v = int((above_high >= k).nonzero().max())      # the bucket holding the k-th largest key
+        over = int(above_high[v + 1]) if v + 1 < above_high.numel() else 0
+        if not wide:
+            cuts.append((v, k - over))
+            continue
+        if v not in lows:
+            lows[v] = torch.zeros(1 << 15, dtype=torch.int64)
+            kernel(n, t.data_ptr(), base.data_ptr(), v, lows[v].data_ptr())
+        above_low = lows[v].flip(0).cumsum(0).flip(0) + over
+        j = int((above_low >= k).nonzero().max())
+        over_j = int(above_low[j + 1]) if j + 1 < above_low.numel() else over
+        cuts.append(((v << 15) | j, k - over_j))
+    return cuts
+
+
+def linear(tensors: list[torch.Tensor], weights: list[float], out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Σ wᵢ·tᵢ with the rounding of torch's `t₀ * w₀` then `add_(tᵢ, alpha=wᵢ)`, in one pass, into `out` (or a
+    new tensor); None where the kernel is unavailable for these tensors (contiguous float32 CPU tensors of one
+    shape: torch rounds bf16 and fp16 sums differently in a tensor's last few elements, by vector width)."""
+    lib, _ = library()
+    dtype = tensors[0].dtype
+    if (lib is None or dtype != torch.float32 or not hasattr(lib, "merger_linear_fp32")
+            or len(tensors) > MAX_MODELS or any(t.dtype != dtype or t.shape != tensors[0].shape
+                                                 or not t.is_contiguous() or not t.is_cpu for t in tensors)):
+        return None
+    if out is None:
+        out = torch.empty_like(tensors[0])
+    elif out.shape != tensors[0].shape or out.dtype != dtype or not out.is_contiguous() or not out.is_cpu:
+        raise ValueError("linear: out must be a contiguous CPU tensor shaped like the inputs")
+    ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+    ws = (ctypes.c_float * len(weights))(*weights)
+    if getattr(lib, f"merger_linear_{_COMBINE_TYPES[dtype]}")(out.numel(), ptrs, ws, len(tensors), out.data_ptr()):
+        raise ValueError(f"linear: at most {MAX_MODELS} models")
+    return out

@@ -202,9 +202,13 @@ class RandomKeep(MaskPlan):
         self.restart()
 
     def restart(self) -> None:
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.stream = native.stream(self.seed)
+        if self.stream is None:
+            self.generator = torch.Generator().manual_seed(self.seed)
 
     def uniforms(self, shape: torch.Size) -> torch.Tensor:
+        if self.stream is not None:
+            return self.stream.uniforms(shape)
         return torch.rand(shape, generator=self.generator, dtype=torch.float64)
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
@@ -283,9 +287,11 @@ def row_ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 def magnitude_plan(deltas: Callable[[], Iterator[torch.Tensor]], sample: torch.Tensor, n: int,
-                   density: float, gamma: float = 0.0) -> MaskPlan:
+                   density: float, gamma: float = 0.0,
+                   pair: tuple[torch.Tensor, torch.Tensor] | None = None) -> MaskPlan:
     """TIES trim (gamma 0) or Breadcrumbs: drop the largest gamma fraction, then the smallest, so
-    that `density` remains. When gamma·numel < 1 no large entry is dropped."""
+    that `density` remains. When gamma·numel < 1 no large entry is dropped. `pair` (the model's tensor
+    and the base, whose difference `deltas` streams) lets the native kernel find the cuts."""
     if density >= 1:
         return MaskPlan()
     keep = keep_count(density, n)
@@ -297,9 +303,13 @@ def magnitude_plan(deltas: Callable[[], Iterator[torch.Tensor]], sample: torch.T
     def blocks() -> Iterator[torch.Tensor]:
         return (keys_of(d) for d in deltas())
 
-    outer = find_cut(blocks, sample_keys, n, n_top + keep)
-    inner = find_cut(blocks, sample_keys, n, n_top) if n_top > 0 else None
-    return RankWindow(outer, inner)
+    wanted = [n_top + keep] + ([n_top] if n_top > 0 else [])
+    found = native.top_cuts(*pair, wanted) if pair is not None and all(0 < k < n for k in wanted) else None
+    if found is not None:
+        cuts = [Cut(thr, need) for thr, need in found]
+    else:
+        cuts = [find_cut(blocks, sample_keys, n, k) for k in wanted]
+    return RankWindow(cuts[0], cuts[1] if n_top > 0 else None)
 
 
 def strided_sample(x: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ class TaskArithmetic(MergeMethod):
     description = "Base plus the weighted sum of task vectors (density < 1 keeps the largest entries)"
     reference = "https://arxiv.org/abs/2212.04089"
     base = "required"
+    writes_out = True
 
     # "magnitude" | "random" | "outliers" | "rank": how each task vector is thinned when density < 1.
     sparsifier: ClassVar[str] = "magnitude"
@@ -50,15 +51,16 @@ class TaskArithmetic(MergeMethod):
     ModelParams = WeightDensity
 
     def plan(self, deltas, sample: torch.Tensor, rows: tuple[int, int], mp: BaseModel,
-             ctx: MergeContext) -> sparsify.MaskPlan:
-        """How model `mp`'s task vector is thinned; `deltas()` streams its `rows` view in blocks."""
+             ctx: MergeContext, pair: tuple[torch.Tensor, torch.Tensor] | None = None) -> sparsify.MaskPlan:
+        """How model `mp`'s task vector is thinned; `deltas()` streams its `rows` view in blocks, the
+        difference of `pair` (the model's tensor and the base) when given."""
         if mp.density >= 1:
             return sparsify.MaskPlan()
         if mp.density <= 0:
             return sparsify.DropAll()
         if self.sparsifier in ("magnitude", "outliers"):
             gamma = mp.gamma if self.sparsifier == "outliers" else 0.0
-            return sparsify.magnitude_plan(deltas, sample, rows[0] * rows[1], mp.density, gamma)
+            return sparsify.magnitude_plan(deltas, sample, rows[0] * rows[1], mp.density, gamma, pair)
         # Each model's mask gets its own generator, seeded from the merge's in model order, so the
         # same mask can be drawn again block by block.
         seed = int(torch.randint(0, 2**62, (), generator=ctx.generator))
@@ -76,7 +78,7 @@ class TaskArithmetic(MergeMethod):
             def deltas(rows=rows):
                 return (rows[sl] - rows_b[sl] for sl in blocks)
             sample = sparsify.strided_sample(t) - sparsify.strided_sample(base)
-            plan = self.plan(deltas, sample, tuple(rows_b.shape), mp, ctx)
+            plan = self.plan(deltas, sample, tuple(rows_b.shape), mp, ctx, pair=(t, base))
             scale = 1.0
             if params.rescale and type(plan) is not sparsify.MaskPlan:
                 before = after = 0.0
@@ -101,7 +103,7 @@ class TaskArithmetic(MergeMethod):
         divisor = total if abs(total) >= 1e-8 else 1.0
         # Half-precision inputs accumulate in float32: one rounding at the end, not one per model.
         work = torch.float32 if base.dtype in (torch.bfloat16, torch.float16) else base.dtype
-        out = torch.empty_like(base)
+        out = ctx.out if ctx.out is not None else torch.empty_like(base)
         rows_out = sparsify.rows_of(out)
         kernel = native.combine_kernel(base.dtype) if base.is_cpu and base.is_contiguous() and all(
             t.is_contiguous() for t in tensors) else None
