@@ -27,7 +27,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -35,58 +35,59 @@
  * Returns 0, or 1 when scratch memory could not be allocated (nothing written then). */
 int merger_rank_keep(const void *x, int elem_bytes, long rows, long width, long ld, uint32_t absmask,
                      uint32_t nan_key, const double *u, double scale, double offset, uint8_t *keep) {
-    uint32_t *buf = malloc(sizeof(uint32_t) * 4 * (size_t)width);
+    if (width <= 0 || width > 0x7FFFFFFFL)
+        return 1;
+    /* each entry is one word, key << 32 | position, so a pass moves it with one store */
+    uint64_t *buf = malloc(sizeof(uint64_t) * 2 * (size_t)width);
     if (!buf)
         return 1;
-    uint32_t *key = buf, *idx = buf + width, *key2 = buf + 2 * width, *idx2 = buf + 3 * width;
     const int digits = elem_bytes; /* one 8-bit digit per key byte */
-    long hist[4][256];
+    uint32_t hist[4][256];
     for (long r = 0; r < rows; r++) {
         memset(hist, 0, sizeof(hist));
+        uint64_t *src = buf, *dst = buf + width;
         if (elem_bytes == 4) {
             const uint32_t *row = (const uint32_t *)x + r * ld;
             for (long i = 0; i < width; i++) {
                 uint32_t k = row[i] & absmask;
-                key[i] = k > nan_key ? nan_key : k;
+                k = k > nan_key ? nan_key : k;
+                src[i] = (uint64_t)k << 32 | (uint64_t)i;
+                hist[0][k & 255]++;
+                hist[1][(k >> 8) & 255]++;
+                hist[2][(k >> 16) & 255]++;
+                hist[3][k >> 24]++;
             }
         } else {
             const uint16_t *row = (const uint16_t *)x + r * ld;
             for (long i = 0; i < width; i++) {
                 uint32_t k = row[i] & absmask;
-                key[i] = k > nan_key ? nan_key : k;
+                k = k > nan_key ? nan_key : k;
+                src[i] = (uint64_t)k << 32 | (uint64_t)i;
+                hist[0][k & 255]++;
+                hist[1][(k >> 8) & 255]++;
             }
         }
-        for (long i = 0; i < width; i++) {
-            uint32_t k = key[i];
-            idx[i] = (uint32_t)i;
-            for (int d = 0; d < digits; d++)
-                hist[d][(k >> (8 * d)) & 255]++;
-        }
-        uint32_t *sk = key, *si = idx, *dk = key2, *di = idx2;
         for (int d = 0; d < digits; d++) {
-            const int shift = 8 * d;
-            long *h = hist[d];
-            if (h[(sk[0] >> shift) & 255] == width)
+            const int shift = 32 + 8 * d;
+            uint32_t *h = hist[d];
+            if (h[(src[0] >> shift) & 255] == (uint32_t)width)
                 continue; /* every key has this digit: the pass would not move anything */
-            long at = 0;
+            uint32_t at = 0;
             for (int b = 0; b < 256; b++) {
-                long c = h[b];
+                uint32_t c = h[b];
                 h[b] = at;
                 at += c;
             }
             for (long i = 0; i < width; i++) {
-                uint32_t k = sk[i];
-                long p = h[(k >> shift) & 255]++;
-                dk[p] = k;
-                di[p] = si[i];
+                uint64_t v = src[i];
+                dst[h[(v >> shift) & 255]++] = v;
             }
-            uint32_t *t = sk; sk = dk; dk = t;
-            t = si; si = di; di = t;
+            uint64_t *t = src; src = dst; dst = t;
         }
         const double *ur = u + r * width;
         uint8_t *kr = keep + r * width;
         for (long j = 0; j < width; j++) {
-            uint32_t i = si[j];
+            uint32_t i = (uint32_t)src[j];
             double p = (double)j * scale;
             p = p + offset;
             kr[i] = ur[i] < p;
@@ -147,7 +148,28 @@ void merger_mt_uniforms(mt_state *s, long n, double *out) {
         long m = (624 - s->next) / 2;
         if (m > n - i)
             m = n - i;
-        for (long j = 0; j < m; j++) {
+        long j = 0;
+#if defined(__AVX2__)
+        /* four draws at a time, exactly as below: the 53-bit integer is converted as its high 21 and low 32
+         * bits, each through the 2^52 bias (exact), and their sum is exact below 2^53 */
+        const __m256i bias = _mm256_set1_epi64x(0x4330000000000000LL), low32 = _mm256_set1_epi64x(0xFFFFFFFFLL);
+        const __m256i b7 = _mm256_set1_epi32((int)0x9D2C5680u), b15 = _mm256_set1_epi32((int)0xEFC60000u);
+        const __m256i high21 = _mm256_set1_epi64x((1LL << 21) - 1);
+        const __m256d two52 = _mm256_set1_pd(0x1p52), two32 = _mm256_set1_pd(0x1p32), unit = _mm256_set1_pd(0x1p-53);
+        for (; j + 4 <= m; j += 4) {
+            __m256i y = _mm256_loadu_si256((const __m256i *)(mt + 2 * j));
+            y = _mm256_xor_si256(y, _mm256_srli_epi32(y, 11));
+            y = _mm256_xor_si256(y, _mm256_and_si256(_mm256_slli_epi32(y, 7), b7));
+            y = _mm256_xor_si256(y, _mm256_and_si256(_mm256_slli_epi32(y, 15), b15));
+            y = _mm256_xor_si256(y, _mm256_srli_epi32(y, 18));
+            __m256i x = _mm256_shuffle_epi32(y, 0xB1);           /* each 64-bit lane: first << 32 | second */
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi64(x, 32), high21), lo = _mm256_and_si256(x, low32);
+            __m256d dh = _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(hi, bias)), two52);
+            __m256d dl = _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(lo, bias)), two52);
+            _mm256_storeu_pd(out + i + j, _mm256_mul_pd(_mm256_add_pd(_mm256_mul_pd(dh, two32), dl), unit));
+        }
+#endif
+        for (; j < m; j++) {
             uint64_t x = ((uint64_t)mt_temper(mt[2 * j]) << 32) | mt_temper(mt[2 * j + 1]);
             out[i + j] = (double)(int64_t)(x & ((1ull << 53) - 1)) * 0x1p-53;
         }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import platform
 from pathlib import Path
 
@@ -73,11 +74,16 @@ class Stream:
 
     def __init__(self, lib: ctypes.CDLL, seed: int):
         self.lib, self.state = lib, ctypes.create_string_buffer(4 * 625)
+        self.buffer = torch.empty(0, dtype=torch.float64)
         lib.merger_mt_seed(self.state, seed & 0xFFFFFFFF)
 
     def uniforms(self, shape) -> torch.Tensor:
-        out = torch.empty(shape, dtype=torch.float64)
-        self.lib.merger_mt_uniforms(self.state, out.numel(), out.data_ptr())
+        """The next draws, shaped `shape`, in a buffer reused by the next call (no fresh pages per block)."""
+        n = math.prod(shape)
+        if self.buffer.numel() < n:
+            self.buffer = torch.empty(n, dtype=torch.float64)
+        out = self.buffer[:n].view(shape)
+        self.lib.merger_mt_uniforms(self.state, n, out.data_ptr())
         return out
 
 

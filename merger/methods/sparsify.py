@@ -207,6 +207,7 @@ class RandomKeep(MaskPlan):
             self.generator = torch.Generator().manual_seed(self.seed)
 
     def uniforms(self, shape: torch.Size) -> torch.Tensor:
+        """The next draws (valid until the next call)."""
         if self.stream is not None:
             return self.stream.uniforms(shape)
         return torch.rand(shape, generator=self.generator, dtype=torch.float64)
