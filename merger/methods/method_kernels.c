@@ -46,26 +46,14 @@ int merger_rank_keep(const void *x, int elem_bytes, long rows, long width, long 
     for (long r = 0; r < rows; r++) {
         memset(hist, 0, sizeof(hist));
         uint64_t *src = buf, *dst = buf + width;
-        if (elem_bytes == 4) {
-            const uint32_t *row = (const uint32_t *)x + r * ld;
-            for (long i = 0; i < width; i++) {
-                uint32_t k = row[i] & absmask;
-                k = k > nan_key ? nan_key : k;
-                src[i] = (uint64_t)k << 32 | (uint64_t)i;
-                hist[0][k & 255]++;
-                hist[1][(k >> 8) & 255]++;
-                hist[2][(k >> 16) & 255]++;
-                hist[3][k >> 24]++;
-            }
-        } else {
-            const uint16_t *row = (const uint16_t *)x + r * ld;
-            for (long i = 0; i < width; i++) {
-                uint32_t k = row[i] & absmask;
-                k = k > nan_key ? nan_key : k;
-                src[i] = (uint64_t)k << 32 | (uint64_t)i;
-                hist[0][k & 255]++;
-                hist[1][(k >> 8) & 255]++;
-            }
+        const uint32_t *row32 = (const uint32_t *)x + r * ld;
+        const uint16_t *row16 = (const uint16_t *)x + r * ld;
+        for (long i = 0; i < width; i++) {
+            uint32_t k = (elem_bytes == 4 ? row32[i] : row16[i]) & absmask;
+            k = k > nan_key ? nan_key : k;
+            src[i] = (uint64_t)k << 32 | (uint64_t)i;
+            for (int d = 0; d < digits; d++)
+                hist[d][(k >> (8 * d)) & 255]++;
         }
         for (int d = 0; d < digits; d++) {
             const int shift = 32 + 8 * d;
