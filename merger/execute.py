@@ -115,7 +115,8 @@ def run_tensors(tensors: list[OutputTensor], shards: ShardWriter, progress: Prog
                 value = t.compute(out=place) if place is not None else t.compute()
                 saved = value.to(t.dtype)
                 check_finite(t, value, saved)
-                in_place = place is not None and saved.data_ptr() == place.data_ptr()
+                in_place = (place is not None and saved.data_ptr() == place.data_ptr()
+                            and saved.stride() == place.stride())  # the method returned ctx.out itself
                 writer.put(t.name, None if in_place else saved, lambda k=k: ahead.release(k))
                 del value, saved, place
             except BaseException as e:
