@@ -24,6 +24,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,7 +61,8 @@ def make_models(root: Path, a: argparse.Namespace) -> dict[str, Path]:
     d, f, v = a.hidden, a.intermediate, a.vocab
     kv = cfg["num_key_value_heads"] * cfg["head_dim"]
     for p in paths.values():
-        p.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(p, ignore_errors=True)  # the bench's own folder: no shard of another size may stay
+        p.mkdir(parents=True)
     writers: dict[str, dict[str, torch.Tensor]] = {k: {} for k in paths}
     both = list(writers.values())
     for w in both:
