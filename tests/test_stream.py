@@ -110,8 +110,10 @@ def test_any_number_of_workers_writes_the_same_bytes(tmp_path, tiny_models):
     assert outs[0] == outs[1] == outs[2]
 
 
-@pytest.mark.parametrize("method", ["linear", "ties"])
-def test_methods_compute_into_the_output_file_and_write_the_same_bytes(method, tmp_path, tiny_models, monkeypatch):
+@pytest.mark.parametrize("method,dtype", [("linear", "float32"), ("ties", "float32"), ("ties", "bfloat16"),
+                                          ("dare_linear", "float16")])
+def test_methods_compute_into_the_output_file_and_write_the_same_bytes(method, dtype, tmp_path, tiny_models,
+                                                                       monkeypatch):
     from typer.testing import CliRunner
 
     from merger.cli import app
@@ -120,7 +122,8 @@ def test_methods_compute_into_the_output_file_and_write_the_same_bytes(method, t
     m = {k: str(v) for k, v in tiny_models.items()}
     r = {"merge_method": method, "models": [{"model": m[k], "parameters": {"weight": w, "density": 0.5}}
                                             for k, w in (("ft_a", 0.6), ("ft_b", 0.3))]}
-    if method == "ties":
+    r["dtype"] = dtype
+    if method != "linear":
         r["base_model"] = m["base"]
     else:
         r["models"] = [{"model": x["model"], "parameters": {"weight": x["parameters"]["weight"]}} for x in r["models"]]
