@@ -55,6 +55,7 @@ class MergeJob:
         self.device = device
 
     def __call__(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The merged tensor; `out` (the executor's, only where OutputTensor.writes_out) goes to the method."""
         cls = type(self.method)
         if self.reader is not None:
             tensors, base = self.reader(self.compute_dtype)
@@ -65,8 +66,7 @@ class MergeJob:
             tensors = [t.to(self.device, non_blocking=True) for t in tensors]
             base = base.to(self.device) if base is not None else None
         ctx = MergeContext(name=self.name, generator=torch.Generator().manual_seed(tensor_seed(self.seed, self.name)),
-                           dtype=self.compute_dtype, device=self.device,
-                           out=out if self.device.type == "cpu" and getattr(cls, "writes_out", False) else None)
+                           dtype=self.compute_dtype, device=self.device, out=out)
         try:
             out = self.method.merge(tensors, base, self.params, self.model_params, ctx)
         except ValueError as e:  # the contract's way to reject parameter values: the user's to fix

@@ -7,12 +7,26 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 from merger.cache import cache_dir
+
+# the suffix of a kernel's exported name for each element type it is built for (merger_gemv_bf16, ...)
+TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def avx2_missing() -> str | None:
+    """Why an x86 CPU cannot run kernels built with AVX2 and FMA (torch reports no AVX2 there), else None."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    if platform.machine() == "x86_64" and cap not in ("AVX2", "AVX512"):
+        return f"CPU capability {cap} lacks AVX2"
+    return None
 
 
 def compiler() -> str | None:

@@ -26,8 +26,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # -ffp-contract=off: scalar math stays the separate multiplies and adds torch does (the kernels' FMAs are explicit)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
 LIBS = ["-lm"]
-_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-TYPE_NAMES = _TYPES
+_TYPES = TYPE_NAMES = native_build.TYPE_NAMES
 SIDE_FROM = 4096  # gemv: from this K on, weight rows are read side by side unless calibration chose otherwise
 _OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # the C enum { BF16, FP16, FP32 }
 # W, N, K, ldw, X, M, ldx, Y, ldy, then bias, (gemv: X type,) Y type, (gemv: side_from,) threads
@@ -54,8 +53,9 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, "disabled by MERGER_NATIVE=0"
     if sys.platform != "linux" or platform.machine() != "x86_64":
         return None, f"no kernel for {sys.platform}/{platform.machine()}"
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None, f"CPU capability {torch.backends.cpu.get_cpu_capability()} lacks AVX2"
+    missing = native_build.avx2_missing()
+    if missing:
+        return None, missing
     lib, why = native_build.load(SOURCE, FLAGS, LIBS)
     if lib is None:
         return None, why

@@ -18,7 +18,7 @@
  * init_genrand), as torch.rand(dtype=float64) reads it: two words per draw, (first << 32 | second) mod 2^53
  * times 2^-53. DARE and DELLA draw their masks from it.
  *
- * linear: Σ wᵢ·tᵢ in one pass, with the rounding of linear.py's torch ops.
+ * linear: Σ wᵢ·tᵢ over float32 in one pass, with the rounding of linear.py's torch ops.
  *
  * key_hist: histograms of the same magnitude keys, from which native.top_cuts reads TIES' exact threshold in
  * two passes over the inputs instead of find_cut's counting passes.
@@ -410,62 +410,29 @@ KEY_HIST(bf16, T_BF16)
 KEY_HIST(fp16, T_FP16)
 KEY_HIST(fp32, T_FP32)
 
-/* linear: out = t[0]·w[0] + t[1]·w[1] + ... over one contiguous tensor, as linear.py's torch ops compute it: the
- * first product, then one fused multiply-add per further model (torch's add_(t, alpha=w)), each result rounded
- * to the type (bf16 and fp16 merges round after every step, as torch's ops on those types do). */
-static inline __attribute__((always_inline)) int linear(long n, const void *const *t, const float *w, int count,
-                                                       void *out, const int type) {
+/* linear: out = t[0]·w[0] + t[1]·w[1] + ... over one contiguous float32 tensor, as linear.py's torch ops compute
+ * it: the first product, then one fused multiply-add per further model (torch's add_(t, alpha=w)). Only float32:
+ * torch's own bf16/fp16 add_ rounds alpha to the type and, in a tensor's last elements, the product too. */
+int merger_linear_fp32(long n, const float *const *t, const float *w, int count, float *out) {
     if (count < 1 || count > MAX_MODELS)
         return 1;
-    float acc[TILE], x[TILE];
-    int32_t key[TILE];
-    if (type == T_FP32) { /* straight from the inputs: no tile copies */
-        const float *const *tf = (const float *const *)t;
-        float *o = (float *)out;
-        for (long off = 0; off < n; off += TILE) {
-            const int len = n - off < TILE ? (int)(n - off) : TILE;
-            const float *t0 = tf[0] + off;
-            const float w0 = w[0];
-            for (int j = 0; j < len; j++)
-                acc[j] = t0[j] * w0;
-            for (int i = 1; i < count; i++) {
-                const float *ti = tf[i] + off;
-                const float wi = w[i];
-                for (int j = 0; j < len; j++)
-                    acc[j] = fmaf(ti[j], wi, acc[j]);
-            }
-            memcpy(o + off, acc, sizeof(float) * len);
-        }
-        return 0;
-    }
+    float acc[TILE];
     for (long off = 0; off < n; off += TILE) {
         const int len = n - off < TILE ? (int)(n - off) : TILE;
-        load_tile(t[0], off, len, acc, type);
+        const float *t0 = t[0] + off;
         const float w0 = w[0];
         for (int j = 0; j < len; j++)
-            acc[j] = acc[j] * w0;
-        if (type != T_FP32)
-            round_tile(acc, key, len, type);
+            acc[j] = t0[j] * w0;
         for (int i = 1; i < count; i++) {
-            load_tile(t[i], off, len, x, type);
+            const float *ti = t[i] + off;
             const float wi = w[i];
             for (int j = 0; j < len; j++)
-                acc[j] = fmaf(x[j], wi, acc[j]);
-            if (type != T_FP32)
-                round_tile(acc, key, len, type);
+                acc[j] = fmaf(ti[j], wi, acc[j]);
         }
-        store_tile(out, off, len, acc, type);
+        memcpy(out + off, acc, sizeof(float) * len);
     }
     return 0;
 }
-
-#define LINEAR(name, type)                                                                                   \
-    int merger_linear_##name(long n, const void *const *t, const float *w, int count, void *out) {          \
-        return linear(n, t, w, count, out, type);                                                             \
-    }
-LINEAR(bf16, T_BF16)
-LINEAR(fp16, T_FP16)
-LINEAR(fp32, T_FP32)
 
 #define COMBINE(name, type)                                                                                  \
     int merger_combine_##name(long n, const void *b, combine_model *m, int count, int elect, int normalize,  \

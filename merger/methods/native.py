@@ -1,7 +1,8 @@
-"""The merge methods' native kernels (method_kernels.c), compiled on first use like the engine's and
-called via ctypes (which releases the GIL, so merge workers run it side by side). Optional: without a
-C compiler, or with MERGER_NATIVE=0, `rank_keep` returns None and the caller takes the torch path, which
-gives the same bits."""
+"""The merge methods' native kernels (method_kernels.c): DELLA's per-row ranking, the MT19937 stream of the
+random masks, TIES' magnitude-key histograms, pass B of the task-vector family (`combine`) and a float32
+linear merge. Compiled on first use like the engine's (merger.native_build) and called via ctypes, which
+releases the GIL, so merge workers run them side by side. Optional: without a C compiler, or with
+MERGER_NATIVE=0, every entry point returns None and its caller takes the torch path, which gives the same bits."""
 from __future__ import annotations
 
 import ctypes
@@ -15,44 +16,57 @@ import torch
 from merger import native_build
 
 SOURCE = Path(__file__).with_name("method_kernels.c")
-# AVX2, FMA and F16C on x86 (library() checks the CPU): the combine kernel exists only with FMA and F16C
-FLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fPIC", "-shared"] + (["-mavx2", "-mfma", "-mf16c"] if platform.machine() == "x86_64" else [])
+# AVX2, FMA and F16C on x86 (library() checks the CPU): the combine, linear and histogram kernels exist only
+# with FMA and F16C
+FLAGS = (["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fPIC", "-shared"]
+         + (["-mavx2", "-mfma", "-mf16c"] if platform.machine() == "x86_64" else []))
 # dtype -> (bytes per element, bits without the sign, the key every NaN becomes: infinity's plus one)
-_KEYS = {torch.float32: (4, 0x7FFFFFFF, 0x7F800001), torch.bfloat16: (2, 0x7FFF, 0x7F81),
-         torch.float16: (2, 0x7FFF, 0x7C01)}
+KEYS = {torch.float32: (4, 0x7FFFFFFF, 0x7F800001), torch.bfloat16: (2, 0x7FFF, 0x7F81),
+        torch.float16: (2, 0x7FFF, 0x7C01)}
 _P, _L, _I, _U, _D, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_uint32, ctypes.c_double, ctypes.c_float
+# per-type kernels: op -> (argument types, the types it is built for)
+_TYPED = {
+    # n, base, models, count, elect, normalize, total, scale_by, lambda, out
+    "combine": ([_L, _P, _P, _I, _I, _I, _F, _I, _F, _P], tuple(native_build.TYPE_NAMES)),
+    # n, t, base, high (-1: the high histogram), hist
+    "key_hist": ([_L, _P, _P, ctypes.c_int64, _P], tuple(native_build.TYPE_NAMES)),
+    # n, tensors, weights, count, out
+    "linear": ([_L, _P, _P, _I, _P], (torch.float32,)),
+}
+MAX_MODELS = 64
 
 
 @functools.cache
 def library() -> tuple[ctypes.CDLL | None, str]:
-    if platform.machine() == "x86_64" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None, f"CPU capability {torch.backends.cpu.get_cpu_capability()} lacks AVX2"  # built with FMA
+    missing = native_build.avx2_missing()  # the library is built with FMA on x86
+    if missing:
+        return None, missing
     lib, why = native_build.load(SOURCE, FLAGS, [])
     if lib is not None:
-        lib.merger_rank_keep.argtypes = [_P, _I, _L, _L, _L, _U, _U, _P, _D, _D, _P]
-        lib.merger_rank_keep.restype = _I
+        lib.merger_rank_keep.argtypes, lib.merger_rank_keep.restype = [_P, _I, _L, _L, _L, _U, _U, _P, _D, _D, _P], _I
         lib.merger_mt_seed.argtypes, lib.merger_mt_seed.restype = [_P, ctypes.c_uint64], None
         lib.merger_mt_uniforms.argtypes, lib.merger_mt_uniforms.restype = [_P, _L, _P], None
-        for name in _COMBINE_TYPES.values():
-            fn = getattr(lib, f"merger_combine_{name}", None)
-            if fn is not None:  # n, base, models, count, elect, normalize, total, scale_by, lambda, out
-                fn.argtypes = [_L, _P, _P, _I, _I, _I, _F, _I, _F, _P]
-                fn.restype = _I
-            fn = getattr(lib, f"merger_linear_{name}", None)
-            if fn is not None:  # n, tensors, weights, count, out
-                fn.argtypes, fn.restype = [_L, _P, _P, _I, _P], _I
-            fn = getattr(lib, f"merger_key_hist_{name}", None)
-            if fn is not None:  # n, t, base, high (-1: the high histogram), hist
-                fn.argtypes = [_L, _P, _P, ctypes.c_int64, _P]
-                fn.restype = _I
+        for op, (argtypes, dtypes) in _TYPED.items():
+            for dtype in dtypes:
+                fn = getattr(lib, f"merger_{op}_{native_build.TYPE_NAMES[dtype]}", None)
+                if fn is not None:  # absent where the compiler had no FMA/F16C
+                    fn.argtypes, fn.restype = argtypes, _I
     return lib, why
+
+
+def _typed(op: str, dtype: torch.dtype):
+    """Kernel `op` for elements of `dtype`, or None where it is not built."""
+    lib, _ = library()
+    if lib is None or dtype not in _TYPED[op][1]:
+        return None
+    return getattr(lib, f"merger_{op}_{native_build.TYPE_NAMES[dtype]}", None)
 
 
 def rank_keep(values: torch.Tensor, u: torch.Tensor, scale: float, offset: float) -> torch.Tensor | None:
     """Bool [rows, width]: u < rank·scale + offset, rank being each entry's place by |value| within its row
     (ascending, ties by position, NaNs last); None when the kernel is unavailable for these tensors."""
     lib, _ = library()
-    if lib is None or values.dtype not in _KEYS or values.dim() != 2 or not values.is_cpu:
+    if lib is None or values.dtype not in KEYS or values.dim() != 2 or not values.is_cpu:
         return None
     rows, width = values.shape
     if values.stride(1) != 1:
@@ -60,7 +74,7 @@ def rank_keep(values: torch.Tensor, u: torch.Tensor, scale: float, offset: float
     u = u.to(torch.float64).contiguous()
     if u.shape != values.shape:
         raise ValueError(f"rank_keep: uniforms {tuple(u.shape)} do not match values {tuple(values.shape)}")
-    size, absmask, nan_key = _KEYS[values.dtype]
+    size, absmask, nan_key = KEYS[values.dtype]
     keep = torch.empty((rows, width), dtype=torch.bool)
     if lib.merger_rank_keep(values.data_ptr(), size, rows, width, values.stride(0), absmask, nan_key,
                             u.data_ptr(), scale, offset, keep.data_ptr()):
@@ -70,7 +84,7 @@ def rank_keep(values: torch.Tensor, u: torch.Tensor, scale: float, offset: float
 
 class Stream:
     """The MT19937 stream of `torch.Generator().manual_seed(seed)`, read as torch.rand(dtype=float64) reads it,
-    at about a quarter of torch's cost; `stream(seed)` gives None where the kernel is unavailable."""
+    at about a fifth of torch's cost; `stream(seed)` gives None where the kernel is unavailable."""
 
     def __init__(self, lib: ctypes.CDLL, seed: int):
         self.lib, self.state = lib, ctypes.create_string_buffer(4 * 625)
@@ -102,17 +116,12 @@ class CombineModel(ctypes.Structure):
 
 
 KINDS = {"keep": 0, "drop": 1, "cuts": 2, "uniform": 3, "bools": 4}
-_COMBINE_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-MAX_MODELS = 64
 
 
 def combine_kernel(dtype: torch.dtype):
     """The fused pass-B kernel for blocks of `dtype`, or None: it needs a C compiler and an x86 CPU on which
     torch's own ops use FMA (AVX2 or AVX-512, which `library` checks), so that both paths round alike."""
-    lib, _ = library()
-    if lib is None or dtype not in _COMBINE_TYPES or not hasattr(lib, "merger_combine_fp32"):
-        return None
-    return getattr(lib, f"merger_combine_{_COMBINE_TYPES[dtype]}")
+    return _typed("combine", dtype)
 
 
 def combine(kernel, out: torch.Tensor, base: torch.Tensor, tensors: list[torch.Tensor], masks: list,
@@ -163,19 +172,11 @@ def combine(kernel, out: torch.Tensor, base: torch.Tensor, tensors: list[torch.T
     return True
 
 
-def key_hist_kernel(dtype: torch.dtype):
-    """The magnitude-key histogram kernel for `dtype` (see method_kernels.c), or None."""
-    lib, _ = library()
-    if lib is None or dtype not in _COMBINE_TYPES or not hasattr(lib, "merger_key_hist_fp32"):
-        return None
-    return getattr(lib, f"merger_key_hist_{_COMBINE_TYPES[dtype]}")
-
-
 def top_cuts(t: torch.Tensor, base: torch.Tensor, ks: list[int]) -> list[tuple[int, int]] | None:
     """For each k (0 < k < numel), (thr, need) of the k largest magnitude keys of round(t - base): the k-th
     largest key, and how many keys equal to it the top k take. Two histogram passes, shared by every k;
     None when the kernel is unavailable or the delta has a NaN (the caller then counts in torch)."""
-    kernel = key_hist_kernel(base.dtype)
+    kernel = _typed("key_hist", base.dtype)
     if (kernel is None or t.dtype != base.dtype or t.shape != base.shape or not t.is_contiguous()
             or not base.is_contiguous() or not t.is_cpu or not base.is_cpu):
         return None
@@ -207,11 +208,10 @@ def linear(tensors: list[torch.Tensor], weights: list[float], out: torch.Tensor 
     """Σ wᵢ·tᵢ with the rounding of torch's `t₀ * w₀` then `add_(tᵢ, alpha=wᵢ)`, in one pass, into `out` (or a
     new tensor); None where the kernel is unavailable for these tensors (contiguous float32 CPU tensors of one
     shape: torch rounds bf16 and fp16 sums differently in a tensor's last few elements, by vector width)."""
-    lib, _ = library()
     dtype = tensors[0].dtype
-    if (lib is None or dtype != torch.float32 or not hasattr(lib, "merger_linear_fp32")
-            or len(tensors) > MAX_MODELS or any(t.dtype != dtype or t.shape != tensors[0].shape
-                                                 or not t.is_contiguous() or not t.is_cpu for t in tensors)):
+    kernel = _typed("linear", dtype)
+    if kernel is None or len(tensors) > MAX_MODELS or any(t.dtype != dtype or t.shape != tensors[0].shape
+                                                          or not t.is_contiguous() or not t.is_cpu for t in tensors):
         return None
     if out is None:
         out = torch.empty_like(tensors[0])
@@ -219,6 +219,6 @@ def linear(tensors: list[torch.Tensor], weights: list[float], out: torch.Tensor 
         raise ValueError("linear: out must be a contiguous CPU tensor shaped like the inputs")
     ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
     ws = (ctypes.c_float * len(weights))(*weights)
-    if getattr(lib, f"merger_linear_{_COMBINE_TYPES[dtype]}")(out.numel(), ptrs, ws, len(tensors), out.data_ptr()):
+    if kernel(out.numel(), ptrs, ws, len(tensors), out.data_ptr()):
         raise ValueError(f"linear: at most {MAX_MODELS} models")
     return out

@@ -277,8 +277,7 @@ def row_ranks(values: torch.Tensor) -> torch.Tensor:
     if bits > 31 or rows.bit_length() + bits > 62:    # float64 keys: one sort per row
         order = torch.argsort(keys, dim=1, stable=True)
         return torch.empty_like(order).scatter_(1, order, torch.arange(width, device=order.device).expand_as(order))
-    nan = int(torch.tensor(float("inf"), dtype=values.dtype if values.dtype in _KEY_DTYPE else torch.float32)
-              .view(keys.dtype)) + 1
+    nan = native.KEYS[values.dtype if values.dtype in native.KEYS else torch.float32][2]
     composite = keys.clamp(max=nan).to(torch.int64)
     composite |= (torch.arange(rows, device=keys.device) << bits).unsqueeze(1)
     order = torch.argsort(composite.view(-1), stable=True)
