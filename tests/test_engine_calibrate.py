@@ -13,16 +13,21 @@ from merger.engine.matmul import linear
 
 # seconds per (dtype, what, ..., candidate); anything not listed takes 1.0
 FAKE = {
-    ("bf16", "gemv", "K=8192", "side by side"): 0.1, ("bf16", "gemv", "K=8192", "one after another"): 0.2,
-    ("bf16", "gemv", "K=4096", "side by side"): 0.1, ("bf16", "gemv", "K=4096", "one after another"): 0.2,
-    ("bf16", "gemv", "K=2048", "side by side"): 0.1, ("bf16", "gemv", "K=2048", "one after another"): 0.2,
-    ("bf16", "gemv", "K=512", "side by side"): 0.3, ("bf16", "gemv", "K=512", "one after another"): 0.2,
     ("bf16", "decode", "torch"): 0.1, ("bf16", "decode", "native"): 0.5,
     ("bf16", "prefill", "blocked"): 0.1, ("bf16", "prefill", "torch"): 0.4, ("bf16", "prefill", "native"): 0.2,
-    ("fp16", "gemv", "K=8192", "side by side"): 0.3, ("fp16", "gemv", "K=8192", "one after another"): 0.2,
     ("fp16", "decode", "native"): 0.1, ("fp16", "prefill", "native"): 0.1, ("fp16", "prefill", "torch"): 0.3,
     ("fp32", "decode", "native"): 0.1, ("fp32", "prefill", "torch"): 0.1, ("fp32", "prefill", "blocked"): 0.2,
 }
+
+
+def fake_gemv(dtype: str, k: int, layout: str) -> float:
+    """bf16: side by side faster from K = 2048 on, and at K = 512 again (which must not count); fp16: one
+    after another faster at the largest K; fp32: a tie everywhere (the first candidate wins a tie)."""
+    if dtype == "bf16":
+        return 0.2 if layout == "one after another" else (0.1 if k >= 2048 or k == 512 else 0.3)
+    if dtype == "fp16":
+        return 0.2 if layout == "one after another" else 0.3
+    return 1.0
 
 
 class FakeTimer:
@@ -33,6 +38,8 @@ class FakeTimer:
 
     def __call__(self, label, fn):
         self.calls += 1
+        if label[1] == "gemv":
+            return fake_gemv(label[0], int(label[2].removeprefix("K=")), label[3])
         return FAKE.get(label, 1.0)
 
 
@@ -52,8 +59,8 @@ def test_the_fastest_candidate_wins_each_choice(fresh):
     assert bf16["decode"] == "torch" and bf16["prefill"] == "blocked" and bf16["slow_torch"] is True
     assert fp32["prefill"] == "torch" and fp32["slow_torch"] is False
     if have_native:
-        # side by side won at K = 8192 and 2048, lost at 512: rows of K >= 2048 go side by side
-        assert bf16["side_from"] == 2048
+        # side by side won at K = 16384 down to 2048, lost at 1024: rows of K >= 2048 go side by side
+        assert bf16["side_from"] == 2048 and 2048 in calibrate.SIDE_KS
         assert fp16["side_from"] == calibrate.NEVER  # lost at the largest K: never
         assert fp16["decode"] == fp16["prefill"] == "native" and fp32["decode"] == "native"
         assert bf16["seconds"]["decode native"] == 0.5
@@ -74,13 +81,16 @@ def test_choices_are_cached_beside_the_kernels_and_reused(fresh):
     assert calibrate.load_or_measure(again) == choices and again.calls == 0
 
 
-@pytest.mark.parametrize("change", ["cpu flags", "kernel source", "corrupt file", "wrong dtypes"])
+@pytest.mark.parametrize("change", ["cpu flags", "torch's instruction set", "kernel source", "corrupt file",
+                                    "wrong dtypes"])
 def test_a_changed_machine_or_a_bad_file_measures_again(fresh, monkeypatch, change):
     calibrate.load_or_measure(FakeTimer())
     path = next(fresh.glob("calibration-*.json"))
     if change == "cpu flags":
         real = calibrate.cpu_signature()
         monkeypatch.setattr(calibrate, "cpu_signature", lambda: {**real, "flags": real["flags"] + " amx_tile"})
+    elif change == "torch's instruction set":  # ATEN_CPU_CAPABILITY=default on the same CPU
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     elif change == "kernel source":
         monkeypatch.setattr(native, "source_key", lambda cc=None: "0123456789abcdef")
     elif change == "corrupt file":
@@ -90,7 +100,7 @@ def test_a_changed_machine_or_a_bad_file_measures_again(fresh, monkeypatch, chan
     timer = FakeTimer()
     calibrate.load_or_measure(timer)
     assert timer.calls > 0
-    if change in ("cpu flags", "kernel source"):
+    if change in ("cpu flags", "torch's instruction set", "kernel source"):
         assert len(list(fresh.glob("calibration-*.json"))) == 2  # keyed by the signature: both kept
 
 

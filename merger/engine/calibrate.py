@@ -4,7 +4,8 @@ For each weight dtype: decode (a few rows) native gemv or torch; prefill native 
 GEMM over upcast weight blocks ("blocked"); and from which K the gemv reads its rows side by side rather than
 one after another (cpu_kernels.c `dots`). Each choice is the fastest of a short timed run on weights of a
 decode-like size (~1 s in all). The result is a JSON file beside the compiled kernels, keyed by the CPU's
-model name and flags, the kernel source and flags, torch's version and the thread count: any change measures
+model name and flags, the kernel source and flags, torch's version, the instruction set torch's kernels use
+(ATEN_CPU_CAPABILITY can lower it) and the thread count: any change measures
 again. Under MERGER_CALIBRATE=0 nothing is measured and the defaults below hold (native where it exists).
 """
 from __future__ import annotations
@@ -27,8 +28,11 @@ from merger.engine.upcast import blocked
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NEVER = 1 << 62  # side_from: no K is read side by side
-SIDE_KS = (512, 2048, 4096, 8192)  # the K at which the two gemv layouts are compared
-VERSION = 2  # bump when the measurements change meaning
+# the K at which the two gemv layouts are compared: 2^(1/3) apart from 2048 to 16384 (rounded to 32), since
+# where side by side starts to pay (x and a row no longer sharing L1) falls between model widths: a 5632-wide
+# fp16 down projection read one after another ran at 15 GB/s, side by side at 24 (2-core EPYC)
+SIDE_KS = (512, 1024, 2048, 2592, 3264, 4096, 5152, 6496, 8192, 10336, 13024, 16384)
+VERSION = 3  # bump when the measurements change meaning
 
 ROUNDS = 9  # timed calls per candidate, alternating between candidates: the fastest counts
 
@@ -76,7 +80,7 @@ def signature() -> dict[str, object]:
     lib, why = native.library()
     return {"version": VERSION, **cpu_signature(), "kernels": native.source_key(),
             "native": "on" if lib is not None else why, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "torch_cpu": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
 
 
 def cache_path(sig: dict[str, object]) -> Path:

@@ -109,27 +109,57 @@ static inline void put(const gemv_out *o, long m, long n, float v) {
         store1(o->Y, i, v, BF16);
 }
 
-/* s[r] = dot product of weight row r (< rows <= ROWS) with the float32 vector x, summed in float32.
+/* s[r] = dot product of weight row r (< rows <= ROWS) with the vector x, summed in float32. x is float32,
+ * or with bf16 weights it may be bf16 itself (xk == BF16): then one 256-bit load holds 16 elements of a row
+ * and the same 16 of x in the same pairs, widened by a shift (the even elements) and a mask (the odd ones),
+ * so x takes half the L1 and no lane shuffles (2-core EPYC, K = 5632: 28-32 GB/s against 18-19 with float32 x,
+ * which no longer stays in L1 beside the streaming rows; a plain read ran at 33-57). Two rows at a time
+ * sharing x's widening ran faster from L3 but a third slower from memory: two streams 4 KiB apart.
  * Two ways to walk the rows: one after another (one sequential stream, which the hardware prefetcher
  * follows), or all ROWS side by side (each element of x loaded once for ROWS rows, the next ROWS rows
  * prefetched). */
-static inline __attribute__((always_inline)) void dots_side(const void *w, long ldw, long rows, const float *x,
-                                                            long K, float *s, const int kind) {
+static inline __attribute__((always_inline)) void pairs(const void *w, long i, __m256 *even, __m256 *odd) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+static inline __attribute__((always_inline)) void dots_side(const void *w, long ldw, long rows, const void *xv,
+                                                            long K, float *s, const int kind, const int xk) {
+    const float *x = xv;
     __m256 a[ROWS], b[ROWS];
     for (int r = 0; r < ROWS; r++)
         a[r] = b[r] = _mm256_setzero_ps();
     long k = 0;
     if (rows == ROWS) {
         for (; k + 16 <= K; k += 16) {
-            __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+            __m256 x0, x1;
+            if (xk == BF16)
+                pairs(xv, k, &x0, &x1);
+            else
+                x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
             for (int r = 0; r < ROWS; r++) {
-                a[r] = _mm256_fmadd_ps(load8(w, r * ldw + k, kind), x0, a[r]);
-                b[r] = _mm256_fmadd_ps(load8(w, r * ldw + k + 8, kind), x1, b[r]);
+                __m256 w0, w1;
+                if (xk == BF16)
+                    pairs(w, r * ldw + k, &w0, &w1);
+                else
+                    w0 = load8(w, r * ldw + k, kind), w1 = load8(w, r * ldw + k + 8, kind);
+                a[r] = _mm256_fmadd_ps(w0, x0, a[r]);
+                b[r] = _mm256_fmadd_ps(w1, x1, b[r]);
                 _mm_prefetch(at(w, (r + ROWS) * ldw + k, kind), _MM_HINT_T0); /* never faults */
             }
         }
     }
-    for (; k + 8 <= K; k += 8) {
+    for (; xk == BF16 && k + 16 <= K; k += 16) {  /* a last block of fewer rows */
+        __m256 x0, x1, w0, w1;
+        pairs(xv, k, &x0, &x1);
+        for (long r = 0; r < rows; r++) {
+            pairs(w, r * ldw + k, &w0, &w1);
+            a[r] = _mm256_fmadd_ps(w0, x0, a[r]);
+            b[r] = _mm256_fmadd_ps(w1, x1, b[r]);
+        }
+    }
+    for (; xk != BF16 && k + 8 <= K; k += 8) {
         __m256 x0 = _mm256_loadu_ps(x + k);
         for (long r = 0; r < rows; r++)
             a[r] = _mm256_fmadd_ps(load8(w, r * ldw + k, kind), x0, a[r]);
@@ -137,67 +167,86 @@ static inline __attribute__((always_inline)) void dots_side(const void *w, long 
     for (long r = 0; r < rows; r++) {
         s[r] = hsum(_mm256_add_ps(a[r], b[r]));
         for (long j = k; j < K; j++)
-            s[r] += load1(w, r * ldw + j, kind) * x[j];
+            s[r] += load1(w, r * ldw + j, kind) * load1(xv, j, xk);
     }
 }
 
-static inline __attribute__((always_inline)) void dots_seq(const void *w, long ldw, long rows, const float *x,
-                                                           long K, float *s, const int kind) {
+static inline __attribute__((always_inline)) void dots_seq(const void *w, long ldw, long rows, const void *xv,
+                                                           long K, float *s, const int kind, const int xk) {
+    const float *x = xv;
     for (long r = 0; r < rows; r++) {
         const void *row = at(w, r * ldw, kind);
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         long k = 0;
-        for (; k + 32 <= K; k += 32) {
-            a0 = _mm256_fmadd_ps(load8(row, k, kind), _mm256_loadu_ps(x + k), a0);
-            a1 = _mm256_fmadd_ps(load8(row, k + 8, kind), _mm256_loadu_ps(x + k + 8), a1);
-            a2 = _mm256_fmadd_ps(load8(row, k + 16, kind), _mm256_loadu_ps(x + k + 16), a2);
-            a3 = _mm256_fmadd_ps(load8(row, k + 24, kind), _mm256_loadu_ps(x + k + 24), a3);
+        if (xk == BF16) {
+            for (; k + 32 <= K; k += 32) {
+                __m256 w0, w1, w2, w3, x0, x1, x2, x3;
+                pairs(row, k, &w0, &w1);
+                pairs(row, k + 16, &w2, &w3);
+                pairs(xv, k, &x0, &x1);
+                pairs(xv, k + 16, &x2, &x3);
+                a0 = _mm256_fmadd_ps(w0, x0, a0);
+                a1 = _mm256_fmadd_ps(w1, x1, a1);
+                a2 = _mm256_fmadd_ps(w2, x2, a2);
+                a3 = _mm256_fmadd_ps(w3, x3, a3);
+            }
+        } else {
+            for (; k + 32 <= K; k += 32) {
+                a0 = _mm256_fmadd_ps(load8(row, k, kind), _mm256_loadu_ps(x + k), a0);
+                a1 = _mm256_fmadd_ps(load8(row, k + 8, kind), _mm256_loadu_ps(x + k + 8), a1);
+                a2 = _mm256_fmadd_ps(load8(row, k + 16, kind), _mm256_loadu_ps(x + k + 16), a2);
+                a3 = _mm256_fmadd_ps(load8(row, k + 24, kind), _mm256_loadu_ps(x + k + 24), a3);
+            }
+            for (; k + 8 <= K; k += 8)
+                a0 = _mm256_fmadd_ps(load8(row, k, kind), _mm256_loadu_ps(x + k), a0);
         }
-        for (; k + 8 <= K; k += 8)
-            a0 = _mm256_fmadd_ps(load8(row, k, kind), _mm256_loadu_ps(x + k), a0);
         s[r] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
         for (; k < K; k++)
-            s[r] += load1(row, k, kind) * x[k];
+            s[r] += load1(row, k, kind) * load1(xv, k, xk);
     }
 }
 
-/* Which is faster depends on the CPU and K (2-core EPYC, bf16: one after another 36-45 GB/s against 23-35 for
- * K <= 2048, 20-22 against 34-37 for K >= 5632), so calibrate.py measures it: rows of K >= side_from go side
- * by side. */
-static inline __attribute__((always_inline)) void dots(const void *w, long ldw, long rows, const float *x, long K,
-                                                       float *s, long side_from, const int kind) {
+/* Which is faster depends on the CPU and K (2-core EPYC, bf16 with float32 x: one after another 36-45 GB/s
+ * against 23-35 for K <= 2048, 20-22 against 34-37 for K >= 5632), so calibrate.py measures it: rows of
+ * K >= side_from go side by side. */
+static inline __attribute__((always_inline)) void dots(const void *w, long ldw, long rows, const void *x, long K,
+                                                       float *s, long side_from, const int kind, const int xk) {
     if (K >= side_from)
-        dots_side(w, ldw, rows, x, K, s, kind);
+        dots_side(w, ldw, rows, x, K, s, kind, xk);
     else
-        dots_seq(w, ldw, rows, x, K, s, kind);
+        dots_seq(w, ldw, rows, x, K, s, kind, xk);
 }
 
-/* dot products of `rows` (<= ROWS) consecutive weight rows n.. with one float32 vector x (row m), to Y */
-static inline __attribute__((always_inline)) void dot_rows(const void *w, long ldw, long rows, const float *x,
+/* The type dots() takes x in for weights of `kind`: bf16 weights take bf16 x, the others float32 */
+#define XK(kind) ((kind) == BF16 ? BF16 : FP32)
+
+/* dot products of `rows` (<= ROWS) consecutive weight rows n.. with one vector x (row m), to Y */
+static inline __attribute__((always_inline)) void dot_rows(const void *w, long ldw, long rows, const void *x,
                                                            long K, const gemv_out *o, long m, long n,
-                                                           long side_from, const int kind) {
+                                                           long side_from, const int kind, const int xk) {
     float s[ROWS];
-    dots(w, ldw, rows, x, K, s, side_from, kind);
+    dots(w, ldw, rows, x, K, s, side_from, kind, xk);
     for (long r = 0; r < rows; r++)
         put(o, m, n + r, s[r]);
 }
 
-/* Y[m][n] = sum_k X[m][k] * W[n][k] (+ bias[n]) for a few rows m. X is bf16, fp16 or float32 (xkind) and
- * widened once up front; the sums are float32, rounded once into Y's type. 0, or 1 if out of memory. */
+/* Y[m][n] = sum_k X[m][k] * W[n][k] (+ bias[n]) for a few rows m. X is bf16, fp16 or float32 (xkind): with
+ * bf16 weights bf16 X is read as it is, any other X is widened once up front; the sums are float32, rounded
+ * once into Y's type. 0, or 1 if out of memory. */
 static inline __attribute__((always_inline)) int gemv(const void *W, long N, long K, long ldw, const void *X,
                                                       long M, long ldx, void *Y, long ldy, const float *bias,
                                                       int xkind, int out, long side_from, int nthreads,
                                                       const int kind) {
     float *x32 = NULL;
-    const float *x = X;
-    if (xkind != FP32) {
+    int paired = kind == BF16 && xkind == BF16;
+    if (xkind != FP32 && !paired) {
         x32 = malloc((M * K + 1) * sizeof(float));
         if (!x32)
             return 1;
         for (long m = 0; m < M; m++)
             for (long k = 0; k < K; k++)
                 x32[m * K + k] = load1(X, m * ldx + k, xkind);
-        x = x32;
+        X = x32;
         ldx = K;
     }
     gemv_out o = { Y, ldy, bias, out };
@@ -205,8 +254,13 @@ static inline __attribute__((always_inline)) int gemv(const void *W, long N, lon
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long i = 0; i < blocks; i++) {
         long n = i * ROWS, rows = N - n < ROWS ? N - n : ROWS;
-        for (long m = 0; m < M; m++) /* later rows of X find this block of W still in L1 */
-            dot_rows(at(W, n * ldw, kind), ldw, rows, x + m * ldx, K, &o, m, n, side_from, kind);
+        for (long m = 0; m < M; m++) { /* later rows of X find this block of W still in L1 */
+            if (paired)
+                dot_rows(at(W, n * ldw, kind), ldw, rows, at(X, m * ldx, BF16), K, &o, m, n, side_from, kind, BF16);
+            else
+                dot_rows(at(W, n * ldw, kind), ldw, rows, (const float *)X + m * ldx, K, &o, m, n, side_from, kind,
+                         FP32);
+        }
     }
     free(x32);
     return 0;
@@ -759,8 +813,23 @@ static inline long chunk_blocks(long K, const int kind) {  /* in ROWS-row blocks
     return c > 0 ? c : 1;
 }
 
-/* out[n] = rnd(W[n] . x + bias[n]) for n < N (W contiguous [N, K]); shared work, ends at a barrier */
-static inline __attribute__((always_inline)) void step_matvec(const void *W, long N, long K, const float *x,
+/* the matvec operand of x [n] for weights of `kind` (dots' XK): x itself, or its bf16 copy in xb (exact: x
+ * holds values the per-op path holds in bf16) */
+static inline __attribute__((always_inline)) const void *operand(const float *x, long n, uint16_t *xb,
+                                                                 const int kind) {
+    if (XK(kind) != BF16)
+        return x;
+    long i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(xb + i), to_bf16x8(_mm256_loadu_ps(x + i)));
+    for (; i < n; i++)
+        store1(xb, i, x[i], BF16);
+    return xb;
+}
+
+/* out[n] = rnd(W[n] . x + bias[n]) for n < N (W contiguous [N, K], x an operand()); shared work, ends at a
+ * barrier */
+static inline __attribute__((always_inline)) void step_matvec(const void *W, long N, long K, const void *x,
                                                               const float *bias, float *out, int round,
                                                               long side_from, const int kind) {
     long blocks = (N + ROWS - 1) / ROWS, chunk = chunk_blocks(K, kind);
@@ -768,7 +837,7 @@ static inline __attribute__((always_inline)) void step_matvec(const void *W, lon
     for (long i = 0; i < blocks; i++) {
         long n = i * ROWS, rows = N - n < ROWS ? N - n : ROWS;
         float s[ROWS];
-        dots(at(W, n * K, kind), K, rows, x, K, s, side_from, kind);
+        dots(at(W, n * K, kind), K, rows, x, K, s, side_from, kind, XK(kind));
         for (long r = 0; r < rows; r++) {
             float v = s[r] + (bias ? bias[n + r] : 0.f);
             out[n + r] = round ? rnd(v, kind) : v;
@@ -777,10 +846,10 @@ static inline __attribute__((always_inline)) void step_matvec(const void *W, lon
 }
 
 /* p[i] = silu(gate_i) * up_i with gate_i = W13[i] . x, up_i = W13[F + i] . x (+ biases): the gated MLP's
- * first half, gate and up rows read side by side, for `experts` stacked weights (W13 + j * 2FK, x shared,
- * p + j * F); shared work, ends at a barrier */
+ * first half, gate and up rows read side by side, for `experts` stacked weights (W13 + j * 2FK, x an operand()
+ * shared, p + j * F written as an operand); shared work, ends at a barrier */
 static inline __attribute__((always_inline)) void step_gate_up(const void *const *W13, long n_w, long F, long K,
-                                                               const float *x, const float *b13, float *p,
+                                                               const void *x, const float *b13, void *p,
                                                                long side_from, const int kind) {
     long per = (F + 7) / 8, chunk = (chunk_blocks(K, kind) + 3) / 4;  /* an item: 2 x 8 rows */
 #pragma omp for schedule(guided, chunk)
@@ -789,39 +858,53 @@ static inline __attribute__((always_inline)) void step_gate_up(const void *const
         float g[8] = {0}, u[8] = {0}, out[8];
         for (long h = 0; h < rows; h += ROWS) {
             long r = rows - h < ROWS ? rows - h : ROWS;
-            dots(at(W13[j], (i0 + h) * K, kind), K, r, x, K, g + h, side_from, kind);
-            dots(at(W13[j], (F + i0 + h) * K, kind), K, r, x, K, u + h, side_from, kind);
+            dots(at(W13[j], (i0 + h) * K, kind), K, r, x, K, g + h, side_from, kind, XK(kind));
+            dots(at(W13[j], (F + i0 + h) * K, kind), K, r, x, K, u + h, side_from, kind, XK(kind));
         }
         for (long r = 0; r < 8; r++) {
             g[r] = rnd(g[r] + (b13 && r < rows ? b13[i0 + r] : 0.f), kind);
             u[r] = rnd(u[r] + (b13 && r < rows ? b13[F + i0 + r] : 0.f), kind);
         }
-        _mm256_storeu_ps(out, swiglu8(_mm256_loadu_ps(g), _mm256_loadu_ps(u), kind));
-        memcpy(p + j * F + i0, out, rows * sizeof(float));
+        __m256 y = swiglu8(_mm256_loadu_ps(g), _mm256_loadu_ps(u), kind);
+        if (XK(kind) == BF16) {
+            uint16_t h[8];
+            _mm_storeu_si128((__m128i *)h, to_bf16x8(y));  /* exact: swiglu8 rounded to bf16 */
+            memcpy((uint16_t *)p + j * F + i0, h, rows * sizeof(uint16_t));
+        } else {
+            _mm256_storeu_ps(out, y);
+            memcpy((float *)p + j * F + i0, out, rows * sizeof(float));
+        }
     }
 }
 
 /* a[n] = rnd(sum_j rnd(W2_j[n] . p_j) * wt_j) over the chosen experts in order (the per-op path's float32
- * accumulation), or rnd(W2[n] . p + b2[n]) for a dense MLP; shared work, ends at a barrier */
+ * accumulation), or rnd(W2[n] . p + b2[n]) for a dense MLP (p: the operands gate_up wrote); shared work, ends
+ * at a barrier. Each expert's rows are one pass with its own p_j (ex[j][n] holds the rounded sums), so p_j
+ * stays in L1 rather than alternating with the other experts' inputs row by row. */
 static inline __attribute__((always_inline)) void step_down(const void *const *W2, long n_w, long D, long F,
-                                                            const float *p, const float *wt, const float *b2,
-                                                            float *a, long side_from, const int kind) {
-    long blocks = (D + ROWS - 1) / ROWS, chunk = chunk_blocks(F * n_w, kind);
+                                                            const void *p, const float *wt, const float *b2,
+                                                            float *a, float *ex, long side_from, const int kind) {
+    long blocks = (D + ROWS - 1) / ROWS, chunk = chunk_blocks(F, kind);
 #pragma omp for schedule(guided, chunk)
-    for (long i = 0; i < blocks; i++) {
-        long n = i * ROWS, rows = D - n < ROWS ? D - n : ROWS;
-        float acc[ROWS] = {0}, s[ROWS];
-        for (long j = 0; j < n_w; j++) {
-            dots(at(W2[j], n * F, kind), F, rows, p + j * F, F, s, side_from, kind);
-            for (long r = 0; r < rows; r++) {
-                if (!wt)
-                    acc[r] = rnd(s[r] + (b2 ? b2[n + r] : 0.f), kind);
-                else
-                    acc[r] += rnd(s[r], kind) * wt[j];
-            }
+    for (long it = 0; it < n_w * blocks; it++) {
+        long j = it / blocks, n = (it % blocks) * ROWS, rows = D - n < ROWS ? D - n : ROWS;
+        float s[ROWS];
+        dots(at(W2[j], n * F, kind), F, rows, at(p, j * F, XK(kind)), F, s, side_from, kind, XK(kind));
+        for (long r = 0; r < rows; r++) {
+            if (wt)
+                ex[j * D + n + r] = rnd(s[r], kind);
+            else
+                a[n + r] = rnd(s[r] + (b2 ? b2[n + r] : 0.f), kind);
         }
-        for (long r = 0; r < rows; r++)
-            a[n + r] = wt ? rnd(acc[r], kind) : acc[r];
+    }
+    if (!wt)
+        return;
+#pragma omp for schedule(static)
+    for (long n = 0; n < D; n++) {
+        float acc = 0.f;
+        for (long j = 0; j < n_w; j++)
+            acc += ex[j * D + n] * wt[j];
+        a[n] = rnd(acc, kind);
     }
 }
 
@@ -863,17 +946,18 @@ static inline __attribute__((always_inline)) int step(const step_model *m, long 
                                                       const int kind) {
     long D = m->dim, H = m->heads, KV = m->kv_heads, Dh = m->head_dim, G = H / KV;
     long qkv_n = (H + 2 * KV) * Dh, k_top = m->experts ? m->top_k : 1, sf = m->side_from;
-    long shared = qkv_n + D + m->ffn_buf + nthreads * H * (Dh + 2);
-    long priv = 2 * D + 2 * H * Dh + 2 * KV * Dh + 2 * k_top;
+    long shared = qkv_n + D + m->ffn_buf + k_top * D + nthreads * H * (Dh + 2);
+    long priv = 2 * D + 2 * H * Dh + 2 * KV * Dh + 2 * k_top + (D + H * Dh) / 2 + 1;
     float *buf = malloc((shared + nthreads * priv) * sizeof(float));
     if (!buf)
         return 1;
-    float *qkv = buf, *a = qkv + qkv_n, *p = a + D, *part = p + m->ffn_buf;
+    float *qkv = buf, *a = qkv + qkv_n, *p = a + D, *ex = p + m->ffn_buf, *part = ex + k_top * D;
 #pragma omp parallel num_threads(nthreads)
     {
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
         float *x = buf + shared + t * priv, *hn = x + D, *q = hn + D, *o = q + H * Dh, *kr = o + H * Dh;
         float *kn = kr + KV * Dh, *wt = kn + KV * Dh;
+        uint16_t *xb = (uint16_t *)(wt + 2 * k_top);  /* the bf16 operand of hn or o, D + H * Dh halves */
         long ids[64];
         for (long i = 0; i < D; i++)
             x[i] = load1(m->embed, token * D + i, kind);
@@ -881,7 +965,7 @@ static inline __attribute__((always_inline)) int step(const step_model *m, long 
             const step_layer *ly = m->layer + l;
             long F = ly->ffn;
             norm_row(x, ly->attn_norm, D, m->eps, hn, kind);
-            step_matvec(ly->wqkv, qkv_n, D, hn, ly->bqkv, qkv, 1, sf, kind);
+            step_matvec(ly->wqkv, qkv_n, D, operand(hn, D, xb, kind), ly->bqkv, qkv, 1, sf, kind);
             /* every thread ropes all query heads; keys are split into one range per thread */
             for (long h = 0; h < H; h++) {
                 const float *src = qkv + h * Dh;
@@ -937,28 +1021,28 @@ static inline __attribute__((always_inline)) int step(const step_model *m, long 
                 for (long d = 0; d < Dh; d++)
                     o[h * Dh + d] = rnd(o[h * Dh + d] / den, kind);
             }
-            step_matvec(ly->wo, D, H * Dh, o, ly->bo, a, 1, sf, kind);
+            step_matvec(ly->wo, D, H * Dh, operand(o, H * Dh, xb, kind), ly->bo, a, 1, sf, kind);
             add_rows(x, a, D, kind);
             norm_row(x, ly->ffn_norm, D, m->eps, hn, kind);
-            const void *w13[64], *w2[64];
+            const void *hx = operand(hn, D, xb, kind), *w13[64], *w2[64];
             if (!ly->router) {
                 w13[0] = ly->w13;
                 w2[0] = ly->w2;
-                step_gate_up(w13, 1, F, D, hn, ly->b13, p, sf, kind);
-                step_down(w2, 1, D, F, p, NULL, ly->b2, a, sf, kind);
+                step_gate_up(w13, 1, F, D, hx, ly->b13, p, sf, kind);
+                step_down(w2, 1, D, F, p, NULL, ly->b2, a, ex, sf, kind);
             } else {
                 route_token(hn, ly->router, m->experts, D, k_top, m->normalize, wt, ids, kind);
                 for (long j = 0; j < k_top; j++) {
                     w13[j] = at(ly->w13, ids[j] * 2 * F * D, kind);
                     w2[j] = at(ly->w2, ids[j] * D * F, kind);
                 }
-                step_gate_up(w13, k_top, F, D, hn, NULL, p, sf, kind);
-                step_down(w2, k_top, D, F, p, wt, NULL, a, sf, kind);
+                step_gate_up(w13, k_top, F, D, hx, NULL, p, sf, kind);
+                step_down(w2, k_top, D, F, p, wt, NULL, a, ex, sf, kind);
             }
             add_rows(x, a, D, kind);
         }
         norm_row(x, m->norm, D, m->eps, hn, kind);
-        step_matvec(m->output, m->vocab, D, hn, NULL, logits, 0, sf, kind);
+        step_matvec(m->output, m->vocab, D, operand(hn, D, xb, kind), NULL, logits, 0, sf, kind);
     }
     free(buf);
     return 0;
