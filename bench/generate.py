@@ -8,13 +8,16 @@ llama-cpp-python in the interpreter --llama-cpp-python names (a venv of its own;
 when none imports it), on GGUFs from --gguf-dir or made by llama.cpp's own --convert-script.
 
 Prints medians (and ranges) over --repeat rounds taken in turn, of prefill tokens/s for each --prefill
-length timed alone and of decode tokens/s, the ratios, and the memory-bandwidth floor of decode (bytes of
-weights one token reads / a read bandwidth measured here); --load N decodes again beside N CPU-bound
+length timed alone and of decode tokens/s, the ratios, and each engine's share of the memory-bandwidth floor
+of decode (bytes of weights one token reads / a read bandwidth measured just before and after each round, since
+a shared machine's bandwidth moves while the bench runs); --load N decodes again beside N CPU-bound
 nice-19 processes and reports it against quiet. In bf16 the engines round differently, and a random
 model's near-tied logits then pick different greedy tokens.
     python3 bench/generate.py                    # hidden 2048, 6 layers, 4 experts top-2, 128 + 32 tokens
     python3 bench/generate.py --hidden 1024 --intermediate 2816 --layers 8 --prompt-tokens 512
     python3 bench/generate.py --family gemma2 --hidden 256 --intermediate 512 --layers 2 --vocab 1024
+    python3 bench/generate.py --tokenizer ./smollm2 --llama-cpp --llama-cpp-python /venv/bin/python \
+        --convert-script llama.cpp/convert_hf_to_gguf.py   # hidden 2048 against llama.cpp too
     python3 bench/generate.py --checkpoint ./smollm2 --llama-cpp --llama-cpp-python /venv/bin/python \
         --convert-script llama.cpp/convert_hf_to_gguf.py --prefill 128,512 --new-tokens 64 --load 2
 """
@@ -50,7 +53,7 @@ def make_models(root: Path, a: argparse.Namespace) -> dict[str, Path]:
     moe_cfg = {**cfg, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
                "num_local_experts": a.experts, "num_experts_per_tok": a.top_k, "sliding_window": None}
     paths = {"dense": root / "dense", "moe": root / "moe"}
-    stamp = json.dumps([cfg, moe_cfg], sort_keys=True)
+    stamp = json.dumps([cfg, moe_cfg, str(a.tokenizer)], sort_keys=True)
     if all((p / "bench.json").is_file() and (p / "bench.json").read_text() == stamp for p in paths.values()):
         return paths
     g = torch.Generator().manual_seed(0)
@@ -91,9 +94,22 @@ def make_models(root: Path, a: argparse.Namespace) -> dict[str, Path]:
     for (k, p), c in zip(paths.items(), (cfg, moe_cfg)):
         write_tensors(p, writers[k], 2 * 10**9)
         write_config(p, c, torch.bfloat16)
-        synth.write_tokenizer(p, 512)
+        write_tokenizer(p, a)
         (p / "bench.json").write_text(stamp)
     return paths
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def write_tokenizer(path: Path, a: argparse.Namespace) -> None:
+    """--tokenizer's files (a real tokenizer, which llama.cpp's converter recognises), else a synthetic one."""
+    if a.tokenizer is None:
+        synth.write_tokenizer(path, 512)
+        return
+    for name in TOKENIZER_FILES:
+        if (a.tokenizer / name).is_file():
+            shutil.copyfile(a.tokenizer / name, path / name)
 
 
 # --family -> (transformers config class, model class, config fields beyond the shared sizes)
@@ -120,25 +136,36 @@ def make_family_model(root: Path, a: argparse.Namespace) -> dict[str, Path]:
     if extra.pop("moe", False):
         sizes.update(num_experts=a.experts, num_experts_per_tok=a.top_k, moe_intermediate_size=a.intermediate)
     path = root / a.family
-    stamp = json.dumps([a.family, sizes, extra], sort_keys=True)
+    stamp = json.dumps([a.family, sizes, extra, str(a.tokenizer)], sort_keys=True)
     if (path / "bench.json").is_file() and (path / "bench.json").read_text() == stamp:
         return {a.family: path}
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**sizes, **extra))
     model.to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
-    synth.write_tokenizer(path, 512)
+    write_tokenizer(path, a)
     (path / "bench.json").write_text(stamp)
     return {a.family: path}
 
 
-def read_bandwidth() -> float:
-    """Bytes/s of a streaming read (sum over 1 GiB), best of 5: the roof decode can reach. The buffer sits on
-    huge pages where the engine's weights do (merger.engine.weights.empty), so the roof is theirs."""
-    buf = weights.empty((2**28,), torch.float32, torch.device("cpu")).fill_(1.0)
-    buf.sum()
-    best = min(_timed(buf.sum) for _ in range(5))
-    del buf
-    return 2**30 / best
+class Roof:
+    """Bytes/s of a streaming read (a sum over 1 GiB), best of `reads`: the roof decode can reach. The buffer
+    sits on huge pages where the engine's weights do (merger.engine.weights.empty), so the roof is theirs. On a
+    shared machine it moves with the neighbours' traffic (here 31-62 GB/s from one minute to the next), so each
+    decode round is set against the roof read just before and after it, not against one figure for the run."""
+
+    def __init__(self):
+        self.buf = weights.empty((2**28,), torch.float32, torch.device("cpu")).fill_(1.0)
+        self.buf.sum()
+
+    def read(self, reads: int = 2) -> float:
+        return self.buf.nbytes / min(_timed(self.buf.sum) for _ in range(reads))
+
+    def around(self, run):
+        """run() (a round's dict), with "roof": the better read of the two beside it."""
+        before = self.read()
+        out = run()
+        out["roof"] = max(before, self.read())
+        return out
 
 
 def _timed(fn) -> float:
@@ -330,6 +357,9 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="a checkpoint folder whose tokenizer (and vocab size) the synthetic models take, so that "
+                         "llama.cpp's converter recognises it (its own synthetic tokenizer it does not)")
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=128, help="prompt before the timed decode")
@@ -355,6 +385,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "merger-bench-engine")
     a = ap.parse_args()
+    if a.tokenizer is not None:
+        a.vocab = json.loads((a.tokenizer / "config.json").read_text())["vocab_size"]
     if a.threads:
         torch.set_num_threads(a.threads)
     threads = torch.get_num_threads()
@@ -373,7 +405,8 @@ def main() -> None:
         if llama_python is None:
             print("llama.cpp: baseline not installed (no interpreter imports llama_cpp; pass --llama-cpp-python)")
     print(calibrate.describe())
-    bw = read_bandwidth()
+    roof = Roof()
+    bw = roof.read(5)
     print(f"measured read bandwidth: {bw / 1e9:.1f} GB/s; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores (other processes skew every figure)")
     top = max(lengths + [a.prompt_tokens])
@@ -400,7 +433,7 @@ def main() -> None:
             rounds: dict[str, list[dict]] = {name: [] for name in runners}
             for _ in range(a.repeat):
                 for name, run in runners.items():
-                    rounds[name].append(run())
+                    rounds[name].append(roof.around(run))
             loaded: dict[str, list[dict]] = {}
             if a.load:
                 with Load(a.load):
@@ -412,14 +445,15 @@ def main() -> None:
                 llama.close()
             del run_ours, runners
             gc.collect()
-            bw = max(bw, read_bandwidth())  # the best read seen so far is the roof
-            _print_rows(kind, dname, rounds, loaded, nbytes, bw, a, stepped)
+            _print_rows(kind, dname, rounds, loaded, nbytes, a, stepped)
 
 
 def _print_rows(kind: str, dname: str, rounds: dict[str, list[dict]], loaded: dict[str, list[dict]], nbytes: int,
-                bw: float, a: argparse.Namespace, stepped: bool) -> None:
-    floor = bw / nbytes
-    print(f"\n[{kind} {dname}] decode reads {nbytes / 1e9:.3f} GB/token; floor {floor:.1f} tok/s; "
+                a: argparse.Namespace, stepped: bool) -> None:
+    roofs = [r["roof"] for rs in rounds.values() for r in rs]
+    floor = statistics.median(roofs) / nbytes
+    print(f"\n[{kind} {dname}] decode reads {nbytes / 1e9:.3f} GB/token; floor {floor:.1f} tok/s at the median "
+          f"roof ({min(roofs) / 1e9:.0f}-{max(roofs) / 1e9:.0f} GB/s beside the rounds); "
           f"decode {'one native call per token' if stepped else 'per op'}; medians (range) of {a.repeat} rounds")
     names = list(rounds)
     lengths = sorted(rounds["ours"][0]["prefill"])
@@ -436,8 +470,9 @@ def _print_rows(kind: str, dname: str, rounds: dict[str, list[dict]], loaded: di
     for n in lengths:
         row(f"prefill {n}", lambda r, n=n: r["prefill"][n])
     row("decode tok/s", lambda r: r["decode"])
-    ours = statistics.median(r["decode"] for r in rounds["ours"])
-    print(f"  decode at {100 * ours / floor:.0f}% of the bandwidth floor")
+    share = {name: [r["decode"] * nbytes / r["roof"] for r in rs] for name, rs in rounds.items()}
+    print("  decode at " + ", ".join(f"{name} {100 * statistics.median(v):.0f}%" for name, v in share.items())
+          + " of the bandwidth floor (each round against the roof read beside it; medians)")
     if "transformers" in rounds:
         same = sum(x == y for x, y in zip(rounds["ours"][0]["ids"], rounds["transformers"][0]["ids"]))
         print(f"  greedy tokens equal to transformers': {same}/{a.new_tokens}")
