@@ -470,9 +470,11 @@ def _print_rows(kind: str, dname: str, rounds: dict[str, list[dict]], loaded: di
     for n in lengths:
         row(f"prefill {n}", lambda r, n=n: r["prefill"][n])
     row("decode tok/s", lambda r: r["decode"])
-    share = {name: [r["decode"] * nbytes / r["roof"] for r in rs] for name, rs in rounds.items()}
-    print("  decode at " + ", ".join(f"{name} {100 * statistics.median(v):.0f}%" for name, v in share.items())
-          + " of the bandwidth floor (each round against the roof read beside it; medians)")
+    share = {name: statistics.median(r["decode"] * nbytes / r["roof"] for r in rs) for name, rs in rounds.items()}
+    # the shares' ratio: the engines compared at equal bandwidth, where the tok/s ratio also holds the swings
+    ratios = "".join(f"; ours/{n} {share['ours'] / share[n]:.2f}x" for n in names[1:])
+    print("  decode at " + ", ".join(f"{name} {100 * v:.0f}%" for name, v in share.items())
+          + f" of the bandwidth floor (each round against the roof read beside it; medians{ratios})")
     if "transformers" in rounds:
         same = sum(x == y for x, y in zip(rounds["ours"][0]["ids"], rounds["transformers"][0]["ids"]))
         print(f"  greedy tokens equal to transformers': {same}/{a.new_tokens}")

@@ -5,8 +5,8 @@ so every call reads its weights from memory; prints the read rate of both (GB/s)
 streaming-read bandwidth measured in the same run for scale.
 gemm (prefill, --tokens rows): the engine's linear with the native kernels and without them (then weight
 blocks, upcast if half, go to MKL's float32 GEMM); prints GFLOP/s of both and the ratio.
-    python3 bench/kernels.py
-    python3 bench/kernels.py --dtypes bfloat16 --shapes 14336x4096,4096x14336 --tokens 64,512
+    python3 bench/matmul_kernels.py
+    python3 bench/matmul_kernels.py --dtypes bfloat16 --shapes 14336x4096,4096x14336 --tokens 64,512
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from generate import read_bandwidth  # bench/generate.py: the same read roof as the engine benchmark
+from generate import Roof  # bench/generate.py: the same read roof as the engine benchmark
 from merger.engine import matmul, native
 from merger.io.dtypes import parse_dtype
 
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {native.status()}")
-    bw = read_bandwidth()
+    bw = Roof().read(5)
     print(f"streaming read (sum over 1 GiB, best of 5): {bw / 1e9:.1f} GB/s")
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     dtypes = [parse_dtype(d) for d in a.dtypes.split(",")]
