@@ -1,5 +1,5 @@
-"""Compiling merger's small C sources with the system compiler, once per source and flags, into the merger
-cache (`cache_dir("kernels")`), and loading them with ctypes. Shared by the engine's kernels and the merge
+"""Compiling merger's small C sources with the system compiler, once per set of sources and flags, into the
+merger cache (`cache_dir("kernels")`), and loading them with ctypes. Shared by the engine's kernels and the merge
 methods' mask kernels; each caller declares its functions' signatures. MERGER_NATIVE=0 turns all of them off.
 """
 from __future__ import annotations
@@ -33,33 +33,40 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def source_key(source: Path, flags: list[str], libs: list[str], cc: str | None = None) -> str:
-    """Hash of the source, the compiler and its flags: the compiled library's key."""
+def source_key(files: list[Path], flags: list[str], libs: list[str], cc: str | None = None) -> str:
+    """Hash of the files (sources and the headers they include), the compiler and its flags: the compiled
+    library's key."""
     cc = cc or compiler() or ""
-    return hashlib.sha256(source.read_bytes() + " ".join([cc, *flags, *libs]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    digest.update(" ".join([cc, *flags, *libs]).encode())
+    return digest.hexdigest()[:16]
 
 
-def load(source: Path, flags: list[str], libs: list[str]) -> tuple[ctypes.CDLL | None, str]:
-    """(the library built from `source`, or None, and why): compiled at most once per key, reused by every
-    process after; a concurrent build just replaces the file with the same bytes."""
+def load(name: str, sources: list[Path], headers: list[Path], flags: list[str],
+         libs: list[str]) -> tuple[ctypes.CDLL | None, str]:
+    """(the library `name` built from `sources`, which include `headers`, or None, and why): compiled at most
+    once per key, reused by every process after; a concurrent build just replaces the file with the same
+    bytes."""
     if os.environ.get("MERGER_NATIVE", "1") == "0":
         return None, "disabled by MERGER_NATIVE=0"
     cc = compiler()
     if not cc:
         return None, "no C compiler found (set CC)"
-    lib_path = cache_dir("kernels") / f"{source.stem}-{source_key(source, flags, libs, cc)}.so"
+    lib_path = cache_dir("kernels") / f"{name}-{source_key([*sources, *headers], flags, libs, cc)}.so"
     if not lib_path.exists():
         try:
             lib_path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
                 out = Path(tmp) / lib_path.name
-                subprocess.run([cc, *flags, str(source), "-o", str(out), *libs], check=True, capture_output=True,
-                               timeout=120)
+                subprocess.run([cc, *flags, *map(str, sources), "-o", str(out), *libs], check=True,
+                               capture_output=True, timeout=240)
                 os.replace(out, lib_path)
         except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", b"") or b""
             first = detail.decode(errors="replace").strip().splitlines()[:1]
-            return None, f"compiling {source.name} failed: {first[0] if first else e}"
+            return None, f"compiling {name} failed: {first[0] if first else e}"
     try:
         return ctypes.CDLL(str(lib_path)), str(lib_path)
     except OSError as e:

@@ -1,4 +1,4 @@
-"""The native CPU kernels (merger/engine/cpu_kernels.c), called directly: gemv and gemm against float64 math for
+"""The native CPU kernels (merger/engine/cpu_*.c), called directly: gemv and gemm against float64 math for
 every shape, stride and tile edge they accept, RMSNorm and one-query attention against torch's own, and the
 fallbacks when they cannot be built. They run wherever the library builds (x86-64 Linux, a C compiler, AVX2),
 whichever kernel the dispatcher would pick on this machine. `linear` itself is tested with tolerances that hold
@@ -296,7 +296,7 @@ def test_failed_build_falls_back_to_torch(fresh_native, monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(broken))
     monkeypatch.setenv("MERGER_NATIVE", "1")
     assert native.gemv_kernel(torch.bfloat16) is None
-    assert "compiling cpu_kernels.c failed: cc: fatal error: no input" in native.status()
+    assert "compiling cpu_kernels failed: cc: fatal error: no input" in native.status()
     assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # nothing half-written left behind
     for rows in (1, 20):
         x, w = torch.randn(rows, 64).bfloat16(), torch.randn(32, 64).bfloat16()

@@ -1,4 +1,4 @@
-"""The native decode step (step.py, cpu_kernels.c `step`): one call per token for the whole model, against
+"""The native decode step (step.py, cpu_step.c `step`): one call per token for the whole model, against
 transformers' own models in float64 and against the engine's per-op path, on every family it takes (dense,
 routed experts, mixed dense/MoE layers, q/k/v, o and MLP biases, q/k norms, sliding windows, a head size that is
 not a multiple of 8, longrope), plus the cases it leaves to the per-op path. Runs wherever the kernels build."""

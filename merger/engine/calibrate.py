@@ -2,8 +2,8 @@
 
 For each weight dtype: decode (a few rows) native gemv or torch; prefill native gemm, torch, or torch's float32
 GEMM over upcast weight blocks ("blocked"); and from which K the gemv reads its rows side by side rather than
-one after another (cpu_kernels.c `dots`). Each choice is the fastest of a short timed run on weights of a
-decode-like size (~1 s in all). The result is a JSON file beside the compiled kernels, keyed by the CPU's
+one after another (cpu_dots.h `dots`). Each choice is the fastest of a short timed run on weights of a
+decode-like size (~2 s in all). The result is a JSON file beside the compiled kernels, keyed by the CPU's
 model name and flags, the kernel source and flags, torch's version, the instruction set torch's kernels use
 (ATEN_CPU_CAPABILITY can lower it) and the thread count: any change measures
 again. Under MERGER_CALIBRATE=0 nothing is measured and the defaults below hold (native where it exists).

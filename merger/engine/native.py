@@ -1,6 +1,7 @@
-"""The engine's native CPU kernels (cpu_kernels.c: gemv for decode, gemm for prefill, bf16/fp16/fp32 weights;
-RMSNorm, one-query attention over a cache of any of those types, and the whole batch-1 decode step; AVX2),
-compiled on first use with the system C compiler into the merger cache, called via ctypes.
+"""The engine's native CPU kernels (cpu_matmul.c: gemv for decode, gemm for prefill, bf16/fp16/fp32 weights;
+cpu_ops.c: RMSNorm, one-query attention over a cache of any of those types; cpu_step.c: the whole batch-1 decode
+step; the headers they share, cpu_*.h; AVX2), built into one library on first use with the system C compiler
+into the merger cache, called via ctypes.
 
 Optional by design: with no compiler, another CPU, or MERGER_NATIVE=0, the `*_kernel` lookups return None
 and the engine stays on torch's own ops. Which of them runs where is measured once per machine
@@ -22,7 +23,9 @@ import torch
 
 from merger import native_build
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_HERE = Path(__file__).parent
+SOURCES = [_HERE / f"cpu_{part}.c" for part in ("matmul", "ops", "step")]
+HEADERS = [_HERE / f"cpu_{part}.h" for part in ("simd", "dots", "attend")]
 # -ffp-contract=off: scalar math stays the separate multiplies and adds torch does (the kernels' FMAs are explicit)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
 LIBS = ["-lm"]
@@ -56,7 +59,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     missing = native_build.avx2_missing()
     if missing:
         return None, missing
-    lib, why = native_build.load(SOURCE, FLAGS, LIBS)
+    lib, why = native_build.load("cpu_kernels", SOURCES, HEADERS, FLAGS, LIBS)
     if lib is None:
         return None, why
     for op, (argtypes, restype, dtypes) in _SIGNATURES.items():
@@ -68,7 +71,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
 
 def source_key(cc: str | None = None) -> str:
     """Hash of the kernel source, the compiler and its flags: the compiled library's (and calibration's) key."""
-    return native_build.source_key(SOURCE, FLAGS, LIBS, cc)
+    return native_build.source_key([*SOURCES, *HEADERS], FLAGS, LIBS, cc)
 
 
 def library() -> tuple[ctypes.CDLL | None, str]:

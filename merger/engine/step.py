@@ -1,4 +1,4 @@
-"""The batch-1 decode step as one native call (cpu_kernels.c `step`): every layer and the logits of one token.
+"""The batch-1 decode step as one native call (cpu_step.c `step`): every layer and the logits of one token.
 
 Built once per KV cache: a table of pointers per layer (weights, biases as float32, norms, the cache) that the
 kernel replays for every token, as llama.cpp replays a prebuilt graph. Per token, Python only checks the

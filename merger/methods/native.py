@@ -41,7 +41,7 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     missing = native_build.avx2_missing()  # the library is built with FMA on x86
     if missing:
         return None, missing
-    lib, why = native_build.load(SOURCE, FLAGS, [])
+    lib, why = native_build.load(SOURCE.stem, [SOURCE], [], FLAGS, [])
     if lib is not None:
         lib.merger_rank_keep.argtypes, lib.merger_rank_keep.restype = [_P, _I, _L, _L, _L, _U, _U, _P, _D, _D, _P], _I
         lib.merger_mt_seed.argtypes, lib.merger_mt_seed.restype = [_P, ctypes.c_uint64], None
