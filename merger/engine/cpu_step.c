@@ -5,10 +5,11 @@
 /* One token of a batch-1 decode, every layer and the logits, in one call and one parallel region: the
  * per-layer tables below are built once per KV cache (step.py) and replayed for each token, as llama.cpp
  * replays its graph. Torch's per-op cost (5-40 us a call, a dozen calls a layer) and the thread pool's
- * start per op are gone; the threads meet at 5 barriers a layer, one after each matmul. Each thread keeps
- * its own copy of the residual stream and the normed vector and does the vector-sized work itself, so only
- * the matmul outputs and the attention partials are shared. Rounding follows the per-op path (and so
- * transformers): every tensor the model would hold in its dtype is rounded to it where the op ends. */
+ * start per op are gone; the threads meet at 5 barriers a layer, one after each matmul (an MoE layer at one
+ * more, before the experts' sums are added). Each thread keeps its own copy of the residual stream and the
+ * normed vector and does the vector-sized work itself, so only the matmul outputs and the attention partials
+ * are shared. Rounding follows the per-op path (and so transformers): every tensor the model would hold in
+ * its dtype is rounded to it where the op ends. */
 
 typedef struct {
     const void *wqkv, *wo, *w13, *w2, *router;       /* router NULL: a dense MLP; else [E, D] experts */
