@@ -194,11 +194,8 @@ class Writer:
             try:
                 if self.error is None:
                     # tensor None: the method computed it into its place in the shard (ShardWriter.mapped)
-                    if tensor is not None:
-                        fd, nbytes = self.shards.write(name, tensor), tensor.numel() * tensor.element_size()
-                    else:
-                        fd, nbytes = self.shards.wrote(name), self.shards.specs[name].nbytes
-                    self.unsynced[fd] = self.unsynced.get(fd, 0) + nbytes
+                    fd = self.shards.write(name, tensor) if tensor is not None else self.shards.wrote(name)
+                    self.unsynced[fd] = self.unsynced.get(fd, 0) + self.shards.specs[name].nbytes
                     if self.unsynced[fd] >= SYNC_EVERY:
                         os.fdatasync(fd)
                         self.unsynced[fd] = 0

@@ -29,7 +29,7 @@ HEADERS = [_HERE / f"cpu_{part}.h" for part in ("simd", "dots", "attend")]
 # -ffp-contract=off: scalar math stays the separate multiplies and adds torch does (the kernels' FMAs are explicit)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
 LIBS = ["-lm"]
-_TYPES = TYPE_NAMES = native_build.TYPE_NAMES
+TYPE_NAMES = native_build.TYPE_NAMES
 SIDE_FROM = 4096  # gemv: from this K on, weight rows are read side by side unless calibration chose otherwise
 _OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # the C enum { BF16, FP16, FP32 }
 # W, N, K, ldw, X, M, ldx, Y, ldy, then bias, (gemv: X type,) Y type, (gemv: side_from,) threads
@@ -38,14 +38,14 @@ _ARGS = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 # op -> (argument types, result type, weight types it exists for)
 _SIGNATURES = {
-    "gemv": (_ARGS + [_P, _I, _I, _L, _I], _I, tuple(_TYPES)),
-    "gemm": (_ARGS + [_P, _I, _I], _I, tuple(_TYPES)),
+    "gemv": (_ARGS + [_P, _I, _I, _L, _I], _I, tuple(TYPE_NAMES)),
+    "gemm": (_ARGS + [_P, _I, _I], _I, tuple(TYPE_NAMES)),
     # X, rows, dim, ldx, w, eps, Y, ldy, threads
-    "rmsnorm": ([_P, _L, _L, _L, _P, _F, _P, _L, _I], None, tuple(_TYPES)),
+    "rmsnorm": ([_P, _L, _L, _L, _P, _F, _P, _L, _I], None, tuple(TYPE_NAMES)),
     # Q, B, H, D, K, V, KV, S, batch / head / position strides of K and V, scale, O, threads
-    "attend": ([_P, _L, _L, _L, _P, _P, _L, _L, _L, _L, _L, _F, _P, _I], _I, tuple(_TYPES)),
+    "attend": ([_P, _L, _L, _L, _P, _P, _L, _L, _L, _L, _L, _F, _P, _I], _I, tuple(TYPE_NAMES)),
     # step_model, token, pos, cos row, sin row, logits, threads (step.py builds the tables)
-    "step": ([_P, _L, _L, _P, _P, _P, _I], _I, tuple(_TYPES)),
+    "step": ([_P, _L, _L, _P, _P, _P, _I], _I, tuple(TYPE_NAMES)),
 }
 
 
@@ -64,13 +64,14 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, why
     for op, (argtypes, restype, dtypes) in _SIGNATURES.items():
         for dtype in dtypes:
-            fn = getattr(lib, f"merger_{op}_{_TYPES[dtype]}")
+            fn = getattr(lib, f"merger_{op}_{TYPE_NAMES[dtype]}")
             fn.argtypes, fn.restype = argtypes, restype
     return lib, why
 
 
 def source_key(cc: str | None = None) -> str:
-    """Hash of the kernel source, the compiler and its flags: the compiled library's (and calibration's) key."""
+    """Hash of the kernel sources and headers, the compiler and its flags: the compiled library's (and
+    calibration's) key."""
     return native_build.source_key([*SOURCES, *HEADERS], FLAGS, LIBS, cc)
 
 
@@ -114,7 +115,7 @@ def _kernel(op: str, dtype: torch.dtype):
     if dtype not in _SIGNATURES[op][2]:
         return None
     lib, _ = _library()
-    return None if lib is None else getattr(lib, f"merger_{op}_{_TYPES[dtype]}")
+    return None if lib is None else getattr(lib, f"merger_{op}_{TYPE_NAMES[dtype]}")
 
 
 def _check(op: str, kernel, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,

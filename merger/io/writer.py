@@ -182,9 +182,7 @@ class ShardWriter:
                 _write_all(sh.fd, memoryview(data.view(torch.uint8).numpy()), sh.offsets[name])
             except OSError as e:
                 raise disk_error(e, self.out_dir / sh.file, self.total_bytes) from None
-        self._written.add(name)
-        self.written_bytes += spec.nbytes
-        return sh.fd
+        return self.wrote(name)
 
     def mapped(self, name: str) -> torch.Tensor | None:
         """Planned tensor `name` as a writable view of its bytes in the shard (a shared mapping), for a method to
@@ -208,7 +206,8 @@ class ShardWriter:
         return raw.view(spec.dtype).view(spec.shape)
 
     def wrote(self, name: str) -> int:
-        """Planned tensor `name` was computed into its `mapped` view; returns the shard's file descriptor."""
+        """Planned tensor `name` is in its shard (written, or computed into its `mapped` view); returns the
+        shard's file descriptor."""
         if name in self._written:
             raise ValueError(f"tensor {name} written twice")
         self._written.add(name)
