@@ -93,6 +93,9 @@ class HubState:
         self.stall: Callable[[str, str], bool | float | None] | None = None
         self.stall_body_after: int | None = None  # file GETs send this many body bytes, then stall
         self.honour_ranges = True  # False: answer 200 with the whole file, like a server without Range support
+        # True: LFS blobs are advertised as Xet-stored (X-Xet-Hash and a token refresh route on resolve,
+        # xetHash in the tree), as the Hub does for Xet repos; the server has no Xet CAS behind them
+        self.xet = False
         self.lock = threading.Lock()
 
     def files(self, repo_id: str, rev: str = "main") -> dict[str, Blob]:
@@ -302,7 +305,12 @@ class Handler(BaseHTTPRequestHandler):
     def tree(self, query, repo: str, rev: str) -> None:
         r = self._repo(repo)
         files = r.commits[self._rev(r, rev)]
-        self._json([files[p].tree_entry(p) for p in sorted(files)])
+        entries = [files[p].tree_entry(p) for p in sorted(files)]
+        if self.server.state.xet:
+            for entry in entries:
+                if "lfs" in entry:
+                    entry["xetHash"] = entry["lfs"]["oid"]
+        self._json(entries)
 
     def resolve(self, query, repo: str, rev: str, path: str) -> None:
         r = self._repo(repo)
@@ -312,6 +320,9 @@ class Handler(BaseHTTPRequestHandler):
             raise HubError(404, "EntryNotFound", f"{path} does not exist")
         data = blob.data
         status, headers = 200, {"X-Repo-Commit": sha, "ETag": f'"{blob.etag()}"', "Accept-Ranges": "bytes"}
+        if self.server.state.xet and blob.lfs:
+            headers["X-Xet-Hash"] = blob.sha256  # 64 hex digits, as a Xet file hash has
+            headers["X-Xet-Refresh-Route"] = f"/api/models/{repo}/xet-read-token/{sha}"
         m = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range") or "")
         if m and self.command == "GET" and (m.group(1) or m.group(2)) and self.server.state.honour_ranges:
             if m.group(1):

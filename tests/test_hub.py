@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+from unittest import mock
 from pathlib import Path
 
 import pytest
@@ -28,10 +29,9 @@ runner = CliRunner()
 @pytest.fixture
 def hub(request, tmp_path, monkeypatch):
     """A running loopback Hub (regular uploads unless parametrized with "lfs"), with a fresh HF
-    cache, a dummy token and the working folder in tmp_path."""
+    cache, a dummy token and the working folder in tmp_path. merger's own uploads take the LFS path
+    although hf_xet is installed (merger.io.hub.bounded_requests)."""
     mode = getattr(request, "param", "regular")
-    if mode == "lfs":  # with hf_xet installed, LFS uploads would go through xet otherwise
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     with HubServer(mode, token=TOKEN) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
@@ -50,7 +50,8 @@ def upload(server: HubServer, repo_id: str, folder: Path | None = None, extra: d
     ops = [CommitOperationAdd(p.name, str(p)) for p in sorted((folder or Path()).iterdir())
            if folder and p.is_file() and p.name not in skip]
     ops += [CommitOperationAdd(name, data) for name, data in (extra or {}).items()]
-    return api.create_commit(repo_id, ops, commit_message="upload").oid
+    with mock.patch.object(constants, "HF_HUB_DISABLE_XET", True):  # LFS files would go through xet otherwise
+        return api.create_commit(repo_id, ops, commit_message="upload").oid
 
 
 @pytest.fixture
@@ -144,6 +145,21 @@ def test_build_from_repo_ids_matches_local_build(hub, hub_models, tiny_models, t
     assert "https://arxiv.org/abs/2212.04089" in body  # task arithmetic's paper, from the method class
     assert (tmp_path / "from_hub" / "merger_config.yml").read_text() in body  # the recipe verbatim
     assert hub_models["ft-a"][:12] in body  # the commit each input came from
+
+
+def test_xet_stored_inputs_come_down_over_http_under_the_timeout(hub, hub_models, tiny_models, tmp_path):
+    """A Hub that advertises Xet storage: hf_xet's transfers run outside the HTTP client that carries
+    --timeout, so merger downloads those files over plain HTTP (the Hub serves them there too)."""
+    hub.state.xet = True
+    for repo in hub.state.repos.values():  # weights stored as LFS, as the Hub stores them
+        for files in repo.commits.values():
+            for path, blob in files.items():
+                blob.lfs = path.endswith(".safetensors")
+    res = build(task_arithmetic("org/base", "org/ft-a", "org/ft-b"), tmp_path / "from_hub")
+    assert res.exit_code == 0, res.output
+    assert not [path for _, path in hub.state.requests if "xet" in path]
+    snapshot = tmp_path / "hf_home" / "hub" / "models--org--ft-a" / "snapshots" / hub_models["ft-a"]
+    assert (snapshot / "model.safetensors").read_bytes() == (tiny_models["ft_a"] / "model.safetensors").read_bytes()
 
 
 def test_local_build_card_has_no_absolute_paths(tmp_path, tiny_models):

@@ -106,16 +106,21 @@ class RequestLimits:
 def bounded_requests(options: dict[str, Any]) -> Iterator[RequestLimits]:
     """Within the block, huggingface_hub's shared HTTP client applies RequestLimits for
     `options["timeout"]`. huggingface_hub's client factory is global: the one in place before is
-    wrapped (a user's proxy or certificate setup is kept) and put back afterwards."""
-    from huggingface_hub import set_client_factory
+    wrapped (a user's proxy or certificate setup is kept) and put back afterwards. Transfers are kept
+    off hf_xet, whose own client takes no timeout from us: Xet-stored files come down, and LFS files
+    go up, through the HTTP endpoints the Hub keeps for clients without it."""
+    from huggingface_hub import constants, set_client_factory
     from huggingface_hub.utils import _http
 
     limits = RequestLimits(timeout_of(options))
     previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) or _http.default_client_factory
+    xet_was_off = constants.HF_HUB_DISABLE_XET  # read at call time (huggingface_hub's is_xet_available)
     set_client_factory(_limited_factory(previous, limits))
+    constants.HF_HUB_DISABLE_XET = True
     try:
         yield limits
     finally:
+        constants.HF_HUB_DISABLE_XET = xet_was_off
         set_client_factory(previous)
 
 
