@@ -62,9 +62,12 @@ def load_yaml(text: str, path: str | Path) -> Any:
 
 def load_documents(text: str, path: str | Path) -> list[tuple[Any, str]]:
     """(data, its own text) of every YAML document in `text` (documents are separated by `---`)."""
+    pairs = []  # (node, data): each document composed once, then built from its node
+    loader = _StrictLoader(text)
     try:
-        nodes = list(yaml.compose_all(text, Loader=_StrictLoader))  # noqa: S506 - a SafeLoader subclass
-        datas = list(yaml.load_all(text, Loader=_StrictLoader))  # noqa: S506
+        while loader.check_node():
+            node = loader.get_node()
+            pairs.append((node, loader.construct_document(node)))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -72,8 +75,10 @@ def load_documents(text: str, path: str | Path) -> list[tuple[Any, str]]:
         raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
     except RecursionError:
         raise RecipeError(f"{path}: the YAML is nested too deeply; a recipe needs a few levels") from None
+    finally:
+        loader.dispose()
     docs = []
-    for node, data in zip(nodes, datas):
+    for node, data in pairs:
         _check_size(data, path)
         docs.append((data, text[node.start_mark.index:node.end_mark.index] if node is not None else ""))
     return docs or [(None, "")]
