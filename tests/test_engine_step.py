@@ -38,7 +38,7 @@ def _save(model: torch.nn.Module, path: Path, seed: int) -> Path:
 
 
 def _mixtral(path: Path) -> Path:
-    cfg = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+    cfg = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=140, num_hidden_layers=3,
                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                      num_experts_per_tok=2, max_position_embeddings=256, sliding_window=7)
     torch.manual_seed(11)
@@ -46,7 +46,7 @@ def _mixtral(path: Path) -> Path:
 
 
 def _llama_biases(path: Path) -> Path:
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=262, num_hidden_layers=2,
                                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
                                    attention_bias=True, mlp_bias=True, tie_word_embeddings=True)
     torch.manual_seed(12)
