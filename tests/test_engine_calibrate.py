@@ -21,12 +21,13 @@ FAKE = {
 
 
 def fake_gemv(dtype: str, k: int, layout: str) -> float:
-    """bf16: side by side faster from K = 2048 on, and at K = 512 again (which must not count); fp16: one
-    after another faster at the largest K; fp32: a tie everywhere (the first candidate wins a tie)."""
+    """bf16: side by side faster from K = 2048 on, and at K = 512 again (which must not count); fp16: side
+    by side 5% faster at the largest K (within calibrate.SIDE_MARGIN: not counted), slower below; fp32: a tie
+    everywhere (the first candidate wins a tie)."""
     if dtype == "bf16":
         return 0.2 if layout == "one after another" else (0.1 if k >= 2048 or k == 512 else 0.3)
     if dtype == "fp16":
-        return 0.2 if layout == "one after another" else 0.3
+        return 0.2 if layout == "one after another" else (0.19 if k == max(calibrate.SIDE_KS) else 0.3)
     return 1.0
 
 
@@ -61,7 +62,7 @@ def test_the_fastest_candidate_wins_each_choice(fresh):
     if have_native:
         # side by side won at K = 16384 down to 2048, lost at 1024: rows of K >= 2048 go side by side
         assert bf16["side_from"] == 2048 and 2048 in calibrate.SIDE_KS
-        assert fp16["side_from"] == calibrate.NEVER  # lost at the largest K: never
+        assert fp16["side_from"] == calibrate.NEVER  # not clearly faster at the largest K: never
         assert fp16["decode"] == fp16["prefill"] == "native" and fp32["decode"] == "native"
         assert bf16["seconds"]["decode native"] == 0.5
     else:  # only torch's paths to choose from
