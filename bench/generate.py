@@ -179,10 +179,11 @@ def decode_bytes(model) -> int:
     """Weight bytes one decode token reads: every layer weight, routed experts only for top_k of E."""
     total = model.output.numel() * model.output.element_size() + model.norm.weight.nbytes
     for layer in model.layers:
+        routed = hasattr(layer.ffn, "router")  # stacked experts [E, ...], in rows or in panels
         for name, p in layer.named_parameters():
             frac = 1.0
-            if name.startswith("ffn.w13") or name.startswith("ffn.w2"):
-                frac = model.config.top_k / model.config.num_experts if p.dim() == 3 else 1.0
+            if routed and (name.startswith("ffn.w13") or name.startswith("ffn.w2")):
+                frac = model.config.top_k / model.config.num_experts
             total += int(p.nbytes * frac)
     return total
 

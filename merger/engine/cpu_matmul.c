@@ -23,23 +23,28 @@ static inline void put(const gemv_out *o, long m, long n, float v) {
         store1(o->Y, i, v, BF16);
 }
 
-/* dot products of `rows` (<= ROWS) consecutive weight rows n.. with one vector x (row m), to Y */
-static inline __attribute__((always_inline)) void dot_rows(const void *w, long ldw, long rows, const void *x,
-                                                           long K, const gemv_out *o, long m, long n,
-                                                           long side_from, const int kind, const int xk) {
-    float s[ROWS];
-    dots(w, ldw, rows, x, K, s, side_from, kind, xk);
+/* dot products of `rows` (<= PANEL_ROWS) consecutive weight rows n.. with one vector x (row m), to Y; W plain
+ * with row stride ldw (rows <= ROWS), or in panels of P < K columns (pdots) */
+static inline __attribute__((always_inline)) void dot_rows(const void *W, long N, long ldw, long P, long rows,
+                                                           const void *x, long K, const gemv_out *o, long m,
+                                                           long n, long side_from, const int kind, const int xk) {
+    float s[PANEL_ROWS];
+    if (P < K)
+        pdots(W, N, n, P, rows, x, K, s, side_from, kind, xk);
+    else
+        dots(at(W, n * ldw, kind), ldw, rows, x, K, s, side_from, kind, xk);
     for (long r = 0; r < rows; r++)
         put(o, m, n + r, s[r]);
 }
 
 /* Y[m][n] = sum_k X[m][k] * W[n][k] (+ bias[n]) for a few rows m. X is bf16, fp16 or float32 (xkind): with
  * bf16 weights bf16 X is read as it is, any other X is widened once up front; the sums are float32, rounded
- * once into Y's type. 0, or 1 if out of memory. */
-static inline __attribute__((always_inline)) int gemv(const void *W, long N, long K, long ldw, const void *X,
-                                                      long M, long ldx, void *Y, long ldy, const float *bias,
-                                                      int xkind, int out, long side_from, int nthreads,
-                                                      const int kind) {
+ * once into Y's type. W has row stride ldw, or panels of P < K columns (then contiguous). 0, or 1 if out of
+ * memory. */
+static inline __attribute__((always_inline)) int gemv(const void *W, long N, long K, long ldw, long P,
+                                                      const void *X, long M, long ldx, void *Y, long ldy,
+                                                      const float *bias, int xkind, int out, long side_from,
+                                                      int nthreads, const int kind) {
     float *x32 = NULL;
     int paired = kind == BF16 && xkind == BF16;
     if (xkind != FP32 && !paired) {
@@ -53,35 +58,34 @@ static inline __attribute__((always_inline)) int gemv(const void *W, long N, lon
         ldx = K;
     }
     gemv_out o = { Y, ldy, bias, out };
-    long blocks = (N + ROWS - 1) / ROWS;
+    long R = P < K ? PANEL_ROWS : ROWS, blocks = (N + R - 1) / R;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long i = 0; i < blocks; i++) {
-        long n = i * ROWS, rows = N - n < ROWS ? N - n : ROWS;
+        long n = i * R, rows = N - n < R ? N - n : R;
         for (long m = 0; m < M; m++) { /* later rows of X find this block of W still in L1 */
             if (paired)
-                dot_rows(at(W, n * ldw, kind), ldw, rows, at(X, m * ldx, BF16), K, &o, m, n, side_from, kind, BF16);
+                dot_rows(W, N, ldw, P, rows, at(X, m * ldx, BF16), K, &o, m, n, side_from, kind, BF16);
             else
-                dot_rows(at(W, n * ldw, kind), ldw, rows, (const float *)X + m * ldx, K, &o, m, n, side_from, kind,
-                         FP32);
+                dot_rows(W, N, ldw, P, rows, (const float *)X + m * ldx, K, &o, m, n, side_from, kind, FP32);
         }
     }
     free(x32);
     return 0;
 }
 
-int merger_gemv_bf16(const uint16_t *W, long N, long K, long ldw, const void *X, long M, long ldx, void *Y,
-                     long ldy, const float *bias, int xkind, int out, long side_from, int nthreads) {
-    return gemv(W, N, K, ldw, X, M, ldx, Y, ldy, bias, xkind, out, side_from, nthreads, BF16);
+int merger_gemv_bf16(const uint16_t *W, long N, long K, long ldw, long P, const void *X, long M, long ldx,
+                     void *Y, long ldy, const float *bias, int xkind, int out, long side_from, int nthreads) {
+    return gemv(W, N, K, ldw, P, X, M, ldx, Y, ldy, bias, xkind, out, side_from, nthreads, BF16);
 }
 
-int merger_gemv_fp16(const uint16_t *W, long N, long K, long ldw, const void *X, long M, long ldx, void *Y,
-                     long ldy, const float *bias, int xkind, int out, long side_from, int nthreads) {
-    return gemv(W, N, K, ldw, X, M, ldx, Y, ldy, bias, xkind, out, side_from, nthreads, FP16);
+int merger_gemv_fp16(const uint16_t *W, long N, long K, long ldw, long P, const void *X, long M, long ldx,
+                     void *Y, long ldy, const float *bias, int xkind, int out, long side_from, int nthreads) {
+    return gemv(W, N, K, ldw, P, X, M, ldx, Y, ldy, bias, xkind, out, side_from, nthreads, FP16);
 }
 
-int merger_gemv_fp32(const float *W, long N, long K, long ldw, const void *X, long M, long ldx, void *Y,
-                     long ldy, const float *bias, int xkind, int out, long side_from, int nthreads) {
-    return gemv(W, N, K, ldw, X, M, ldx, Y, ldy, bias, xkind, out, side_from, nthreads, FP32);
+int merger_gemv_fp32(const float *W, long N, long K, long ldw, long P, const void *X, long M, long ldx,
+                     void *Y, long ldy, const float *bias, int xkind, int out, long side_from, int nthreads) {
+    return gemv(W, N, K, ldw, P, X, M, ldx, Y, ldy, bias, xkind, out, side_from, nthreads, FP32);
 }
 
 /* --- gemm ---------------------------------------------------------------------------------------- */

@@ -18,6 +18,7 @@ typedef struct {
     void *k, *v;                                     /* the layer's cache [KV, max_len, Dh], model type */
     long ffn;                                        /* the MLP's (or each expert's) hidden width F */
     long window;                                     /* > 0: only the last `window` keys */
+    long p_qkv, p_o, p_13, p_2;                      /* each weight's panel width (pdots; its K: plain) */
 } step_layer;
 
 typedef struct {
@@ -26,7 +27,8 @@ typedef struct {
     long side_from;                                  /* dots(): rows of K >= this side by side */
     int normalize;                                   /* renormalise the top-k routing weights */
     float eps, scale;                                /* RMSNorm epsilon; attention score scale */
-    const void *embed, *norm, *output;               /* [V, D], [D], [V, D] */
+    const void *embed, *norm, *output;               /* [V, D], [D], [V, D] (output in panels of p_out) */
+    long p_out;
     const step_layer *layer;
 } step_model;
 
@@ -103,17 +105,23 @@ static inline __attribute__((always_inline)) const void *operand(const float *x,
     return xb;
 }
 
-/* out[n] = rnd(W[n] . x + bias[n]) for n < N (W contiguous [N, K], x an operand()); shared work, ends at a
- * barrier */
-static inline __attribute__((always_inline)) void step_matvec(const void *W, long N, long K, const void *x,
-                                                              const float *bias, float *out, int round,
-                                                              long side_from, const int kind) {
-    long blocks = (N + ROWS - 1) / ROWS, chunk = chunk_blocks(K, kind);
+/* a matvec's item: ROWS rows of a plain weight (shared out down to chunk_blocks of them), PANEL_ROWS of one
+ * in panels (pdots) */
+static inline long item_rows(long K, long P) {
+    return P < K ? PANEL_ROWS : ROWS;
+}
+
+/* out[n] = rnd(W[n] . x + bias[n]) for n < N (W [N, K] contiguous or in panels of P, x an operand()); shared
+ * work, ends at a barrier */
+static inline __attribute__((always_inline)) void step_matvec(const void *W, long N, long K, long P,
+                                                              const void *x, const float *bias, float *out,
+                                                              int round, long side_from, const int kind) {
+    long R = item_rows(K, P), blocks = (N + R - 1) / R, chunk = R == ROWS ? chunk_blocks(K, kind) : 1;
 #pragma omp for schedule(guided, chunk)
     for (long i = 0; i < blocks; i++) {
-        long n = i * ROWS, rows = N - n < ROWS ? N - n : ROWS;
-        float s[ROWS];
-        dots(at(W, n * K, kind), K, rows, x, K, s, side_from, kind, XK(kind));
+        long n = i * R, rows = N - n < R ? N - n : R;
+        float s[PANEL_ROWS];
+        pdots(W, N, n, P, rows, x, K, s, side_from, kind, XK(kind));
         for (long r = 0; r < rows; r++) {
             float v = s[r] + (bias ? bias[n + r] : 0.f);
             out[n + r] = round ? rnd(v, kind) : v;
@@ -130,19 +138,15 @@ static inline __attribute__((always_inline)) void step_matvec(const void *W, lon
 #define GATE_UP_ROWS 128
 #endif
 static inline __attribute__((always_inline)) void step_gate_up(const void *const *W13, long n_w, long F, long K,
-                                                               const void *x, const float *b13, void *p,
+                                                               long P, const void *x, const float *b13, void *p,
                                                                long side_from, const int kind) {
     long per = (F + GATE_UP_ROWS - 1) / GATE_UP_ROWS;
 #pragma omp for schedule(guided, 1)
     for (long it = 0; it < n_w * per; it++) {
         long j = it / per, i0 = (it % per) * GATE_UP_ROWS, rows = F - i0 < GATE_UP_ROWS ? F - i0 : GATE_UP_ROWS;
         float g[GATE_UP_ROWS], u[GATE_UP_ROWS];
-        for (long h = 0; h < rows; h += ROWS)
-            dots(at(W13[j], (i0 + h) * K, kind), K, rows - h < ROWS ? rows - h : ROWS, x, K, g + h, side_from,
-                 kind, XK(kind));
-        for (long h = 0; h < rows; h += ROWS)
-            dots(at(W13[j], (F + i0 + h) * K, kind), K, rows - h < ROWS ? rows - h : ROWS, x, K, u + h, side_from,
-                 kind, XK(kind));
+        pdots(W13[j], 2 * F, i0, P, rows, x, K, g, side_from, kind, XK(kind));
+        pdots(W13[j], 2 * F, F + i0, P, rows, x, K, u, side_from, kind, XK(kind));
         for (long r = 0; r < rows; r++) {
             g[r] = rnd(g[r] + (b13 ? b13[i0 + r] : 0.f), kind);
             u[r] = rnd(u[r] + (b13 ? b13[F + i0 + r] : 0.f), kind);
@@ -170,14 +174,15 @@ static inline __attribute__((always_inline)) void step_gate_up(const void *const
  * at a barrier. Each expert's rows are one pass with its own p_j (ex[j][n] holds the rounded sums), so p_j
  * stays in L1 rather than alternating with the other experts' inputs row by row. */
 static inline __attribute__((always_inline)) void step_down(const void *const *W2, long n_w, long D, long F,
-                                                            const void *p, const float *wt, const float *b2,
-                                                            float *a, float *ex, long side_from, const int kind) {
-    long blocks = (D + ROWS - 1) / ROWS, chunk = chunk_blocks(F, kind);
+                                                            long P, const void *p, const float *wt,
+                                                            const float *b2, float *a, float *ex, long side_from,
+                                                            const int kind) {
+    long R = item_rows(F, P), blocks = (D + R - 1) / R, chunk = R == ROWS ? chunk_blocks(F, kind) : 1;
 #pragma omp for schedule(guided, chunk)
     for (long it = 0; it < n_w * blocks; it++) {
-        long j = it / blocks, n = (it % blocks) * ROWS, rows = D - n < ROWS ? D - n : ROWS;
-        float s[ROWS];
-        dots(at(W2[j], n * F, kind), F, rows, at(p, j * F, XK(kind)), F, s, side_from, kind, XK(kind));
+        long j = it / blocks, n = (it % blocks) * R, rows = D - n < R ? D - n : R;
+        float s[PANEL_ROWS];
+        pdots(W2[j], D, n, P, rows, at(p, j * F, XK(kind)), F, s, side_from, kind, XK(kind));
         for (long r = 0; r < rows; r++) {
             if (wt)
                 ex[j * D + n + r] = rnd(s[r], kind);
@@ -253,7 +258,7 @@ static inline __attribute__((always_inline)) int step(const step_model *m, long 
             const step_layer *ly = m->layer + l;
             long F = ly->ffn;
             norm_row(x, ly->attn_norm, D, m->eps, hn, kind);
-            step_matvec(ly->wqkv, qkv_n, D, operand(hn, D, xb, kind), ly->bqkv, qkv, 1, sf, kind);
+            step_matvec(ly->wqkv, qkv_n, D, ly->p_qkv, operand(hn, D, xb, kind), ly->bqkv, qkv, 1, sf, kind);
             /* every thread ropes all query heads; keys are split into one range per thread */
             for (long h = 0; h < H; h++) {
                 const float *src = qkv + h * Dh;
@@ -309,28 +314,28 @@ static inline __attribute__((always_inline)) int step(const step_model *m, long 
                 for (long d = 0; d < Dh; d++)
                     o[h * Dh + d] = rnd(o[h * Dh + d] / den, kind);
             }
-            step_matvec(ly->wo, D, H * Dh, operand(o, H * Dh, xb, kind), ly->bo, a, 1, sf, kind);
+            step_matvec(ly->wo, D, H * Dh, ly->p_o, operand(o, H * Dh, xb, kind), ly->bo, a, 1, sf, kind);
             add_rows(x, a, D, kind);
             norm_row(x, ly->ffn_norm, D, m->eps, hn, kind);
             const void *hx = operand(hn, D, xb, kind), *w13[64], *w2[64];
             if (!ly->router) {
                 w13[0] = ly->w13;
                 w2[0] = ly->w2;
-                step_gate_up(w13, 1, F, D, hx, ly->b13, p, sf, kind);
-                step_down(w2, 1, D, F, p, NULL, ly->b2, a, ex, sf, kind);
+                step_gate_up(w13, 1, F, D, ly->p_13, hx, ly->b13, p, sf, kind);
+                step_down(w2, 1, D, F, ly->p_2, p, NULL, ly->b2, a, ex, sf, kind);
             } else {
                 route_token(hn, ly->router, m->experts, D, k_top, m->normalize, wt, ids, kind);
                 for (long j = 0; j < k_top; j++) {
                     w13[j] = at(ly->w13, ids[j] * 2 * F * D, kind);
                     w2[j] = at(ly->w2, ids[j] * D * F, kind);
                 }
-                step_gate_up(w13, k_top, F, D, hx, NULL, p, sf, kind);
-                step_down(w2, k_top, D, F, p, wt, NULL, a, ex, sf, kind);
+                step_gate_up(w13, k_top, F, D, ly->p_13, hx, NULL, p, sf, kind);
+                step_down(w2, k_top, D, F, ly->p_2, p, wt, NULL, a, ex, sf, kind);
             }
             add_rows(x, a, D, kind);
         }
         norm_row(x, m->norm, D, m->eps, hn, kind);
-        step_matvec(m->output, m->vocab, D, operand(hn, D, xb, kind), NULL, logits, 0, sf, kind);
+        step_matvec(m->output, m->vocab, D, m->p_out, operand(hn, D, xb, kind), NULL, logits, 0, sf, kind);
     }
     free(buf);
     return 0;

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from merger.engine import panels
 from merger.engine.model import ContextError, Transformer
 from merger.engine.sampling import check_params, sample
 from merger.engine.tokenizer import StreamDecoder, Tokenizer, check_text
@@ -82,6 +83,7 @@ def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int,
     # longrope (Phi-3): the first step past the switch recomputes every key with the long factors, as
     # transformers' Phi-3 generation does, instead of extending a cache rotated with the short ones
     refill_at = model.config.rope.switch
+    panels.apply(model)  # decode reads wide weights faster in column panels (a no-op once they are)
     # the last new token is never fed back, so the cache needs one position less
     model.setup_cache(1, len(prompt_ids) + max_new - 1)
     x = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)

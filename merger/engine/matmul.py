@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from merger.engine import calibrate, native
+from merger.engine import calibrate, native, panels
 from merger.engine.upcast import blocked
 
 BLOCKED_MIN_ROWS = 8  # below this (decode) a matmul is memory-bound: a gemv
@@ -35,30 +35,35 @@ def use_blocked(x: torch.Tensor) -> bool:
 
 def _native_kernel(x: torch.Tensor, w: torch.Tensor, rows: int):
     """The native kernel for this call (gemv below BLOCKED_MIN_ROWS rows, else gemm), or None: CPU only, and
-    only where calibrate.py measured it the fastest for this dtype and phase."""
-    if x.dtype != w.dtype or w.dim() != 2 or w.stride(1) != 1 or x.device.type != "cpu":
+    only where calibrate.py measured it the fastest for this dtype and phase. Weights in panels: the gemv only."""
+    if x.dtype != w.dtype or w.dim() not in (2, 3) or w.stride(-1) != 1 or x.device.type != "cpu":
         return None
-    if x.shape[-1] != w.shape[1] or x.dtype not in native.TYPE_NAMES:
+    k = w.shape[0] * w.shape[2] if w.dim() == 3 else w.shape[1]
+    if x.shape[-1] != k or x.dtype not in native.TYPE_NAMES:
         return None  # F.linear raises torch's usual shape error
     decode = rows < BLOCKED_MIN_ROWS
-    if calibrate.choice(x.dtype, "decode" if decode else "prefill") != "native":
+    if calibrate.choice(x.dtype, "decode" if decode else "prefill") != "native" or (w.dim() == 3 and not decode):
         return None
     return native.gemv_kernel(x.dtype) if decode else native.gemm_kernel(x.dtype)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x [..., K] @ w[N, K].T (+ b): the result is in `out_dtype` (default x.dtype)."""
+    """x [..., K] @ w[N, K].T (+ b): the result is in `out_dtype` (default x.dtype). w may be in panels
+    ([K / P, N, P], panels.py): the native gemv reads them as they are, any other path a plain copy."""
     out_dtype = out_dtype or x.dtype
     rows = math.prod(x.shape[:-1])
     kernel = _native_kernel(x, w, rows)
+    if w.dim() == 3 and (kernel is None or out_dtype not in (torch.float32, x.dtype)):
+        w = panels.plain(w)
+        kernel = _native_kernel(x, w, rows)
     if kernel is not None and out_dtype in (torch.float32, x.dtype):
         x2 = x.reshape(rows, x.shape[-1])
         if rows < BLOCKED_MIN_ROWS:  # decode: x's conversion, bias and rounding happen inside the one call
             y = native.gemv(x2.contiguous(), w, kernel, b, out_dtype, int(calibrate.choice(w.dtype, "side_from")))
         else:
             y = native.gemm(x2.float().contiguous(), w, kernel, b, out_dtype)
-        return y.view(*x.shape[:-1], w.shape[0])
+        return y.view(*x.shape[:-1], w.shape[-2])
     if not use_blocked(x):
         y = F.linear(x, w, b)
         return y if y.dtype == out_dtype else y.to(out_dtype)

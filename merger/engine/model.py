@@ -51,6 +51,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str =
         with torch.device("meta"):
             model = Transformer(cfg)
         model.load_state_dict(state, strict=True, assign=True)
+        del state  # the model holds the weights now (panels.apply frees each plain one as it goes)
     except RuntimeError as e:  # shape mismatches surface from torch as RuntimeError
         detail = str(e).strip().splitlines()[-1].strip()
         raise CheckpointError(f"{path}: weights do not match config.json ({detail}); "

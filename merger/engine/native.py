@@ -38,7 +38,7 @@ _ARGS = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 # op -> (argument types, result type, weight types it exists for)
 _SIGNATURES = {
-    "gemv": (_ARGS + [_P, _I, _I, _L, _I], _I, tuple(TYPE_NAMES)),
+    "gemv": (_ARGS[:4] + [_L] + _ARGS[4:] + [_P, _I, _I, _L, _I], _I, tuple(TYPE_NAMES)),  # + P after ldw
     "gemm": (_ARGS + [_P, _I, _I], _I, tuple(TYPE_NAMES)),
     # X, rows, dim, ldx, w, eps, Y, ldy, threads
     "rmsnorm": ([_P, _L, _L, _L, _P, _F, _P, _L, _I], None, tuple(TYPE_NAMES)),
@@ -138,12 +138,18 @@ def gemv(x: torch.Tensor, w: torch.Tensor, kernel, bias: torch.Tensor | None = N
          out_dtype: torch.dtype = torch.float32, side_from: int = SIDE_FROM) -> torch.Tensor:
     """x [M, K] (bf16, fp16 or float32) @ w[N, K].T (+ bias) -> [M, N] in out_dtype (float32, bf16 or fp16),
     summed in float32 and rounded once: the decode path, conversions included, in one call. Weight rows are
-    read one after another below K = side_from, side by side from there (calibrate.py measures where that pays)."""
-    bias = _check("gemv", kernel, x, w, bias, out_dtype, tuple(_OUT))
+    read one after another below K = side_from, side by side from there (calibrate.py measures where that pays).
+    w may be in panels, [K / P, N, P] contiguous (merger.engine.panels): the panels' sums are added in order."""
+    panels = w.dim() == 3
+    if panels and not (w.is_contiguous() and x.dim() == 2 and w.shape[0] * w.shape[2] == x.shape[1]):
+        raise ValueError(f"native kernel: x {tuple(x.shape)} does not fit panels {tuple(w.shape)}")
+    plain = w[0] if panels else w  # [N, P]: what _check can see of a panelled weight
+    bias = _check("gemv", kernel, x[:, :plain.shape[1]], plain, bias, out_dtype, tuple(_OUT))
     m, k = x.shape
-    n = w.shape[0]
+    n = plain.shape[0]
     y = torch.empty(m, n, dtype=out_dtype)
-    if kernel(w.data_ptr(), n, k, w.stride(0), x.data_ptr(), m, x.stride(0), y.data_ptr(), n,
+    if kernel(w.data_ptr(), n, k, k if panels else w.stride(0), plain.shape[1] if panels else k,
+              x.data_ptr(), m, x.stride(0), y.data_ptr(), n,
               None if bias is None else bias.data_ptr(), _OUT[x.dtype], _OUT[out_dtype], side_from,
               torch.get_num_threads()):
         raise MemoryError(f"native gemv: no memory for {m} x {k} inputs")

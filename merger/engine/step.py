@@ -21,7 +21,8 @@ MAX_EXPERTS = 64  # the kernel's routing buffers
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_void_p) for n in _PTRS] + [("ffn", ctypes.c_long), ("window", ctypes.c_long)]
+    _fields_ = [(n, ctypes.c_void_p) for n in _PTRS] + [(n, ctypes.c_long) for n in ("ffn", "window", "p_qkv", "p_o",
+                                                                                     "p_13", "p_2")]
 
 
 class _Model(ctypes.Structure):
@@ -29,7 +30,8 @@ class _Model(ctypes.Structure):
                                                "vocab", "max_len", "ffn_buf")]
                 + [("side_from", ctypes.c_long), ("normalize", ctypes.c_int), ("eps", ctypes.c_float),
                    ("scale", ctypes.c_float)]
-                + [(n, ctypes.c_void_p) for n in ("embed", "norm", "output", "layer")])
+                + [(n, ctypes.c_void_p) for n in ("embed", "norm", "output")]
+                + [("p_out", ctypes.c_long), ("layer", ctypes.c_void_p)])
 
 
 def unsupported(model, batch: int) -> str | None:
@@ -69,7 +71,7 @@ class DecodeStep:
         for entry, layer, kv in zip(layers, model.layers, cache):
             attn, ffn = layer.attn, layer.ffn
             moe = hasattr(ffn, "router")
-            width = ffn.w2.shape[-1]
+            width = ffn.w13.shape[-2] // 2  # plain [(E,) 2F, D] or in panels [(E,) D / P, 2F, P]
             ffn_buf = max(ffn_buf, width * (cfg.top_k if moe else 1))
             ptrs = {"wqkv": attn.wqkv, "wo": attn.wo, "w13": ffn.w13, "w2": ffn.w2,
                     "router": ffn.router if moe else None, "bqkv": self._f32(attn.bqkv), "bo": self._f32(attn.bo),
@@ -80,6 +82,9 @@ class DecodeStep:
             for name, t in ptrs.items():
                 setattr(entry, name, None if t is None else t.data_ptr())
             entry.ffn, entry.window = width, attn.window or 0
+            # a weight's last dimension is its panel width P (panels.py), or its K when plain: pdots takes both
+            entry.p_qkv, entry.p_o = attn.wqkv.shape[-1], attn.wo.shape[-1]
+            entry.p_13, entry.p_2 = ffn.w13.shape[-1], ffn.w2.shape[-1]
         self._layers = layers
         self._model = _Model(dim=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
                              head_dim=cfg.head_dim, experts=cfg.num_experts if cfg.is_moe else 0,
@@ -89,6 +94,7 @@ class DecodeStep:
                              normalize=int(bool(cfg.norm_topk_prob)),
                              eps=cfg.rms_norm_eps, scale=model.layers[0].attn.scale, embed=model.embed.data_ptr(),
                              norm=model.norm.weight.data_ptr(), output=model.output.data_ptr(),
+                             p_out=model.output.shape[-1],
                              layer=ctypes.cast(layers, ctypes.c_void_p))
         self._model_ref = ctypes.byref(self._model)
         self._tensors = (model.embed, model.output, [kv.k for kv in cache], [kv.v for kv in cache])

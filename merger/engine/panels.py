@@ -1,0 +1,86 @@
+"""Weights stored in column panels for decode: an [N, K] matrix kept as [K / P, N, P], panel q holding columns
+qP..qP+P-1 of every row (cpu_dots.h `pdots`). A decode matvec then reads one panel's rows as one contiguous
+run against x's P-element slice, which stays in L1 beside them. With whole rows, x takes K elements: from
+K ~ 4000 in bf16 (8 KB) it no longer shares L1 with the streaming rows, and a 2-core EPYC read a 5632-wide
+bf16 matrix at 0.45-0.9 of a plain read, a 14336-wide one at 0.3-0.7, against 0.85-1.0 for 4 KB panels of the
+same bytes (a C loop over 768 MB, alternating, both of the machine's bandwidth states).
+
+Which weights: those the decode step reads (attention, MLP or experts, and an untied output layer) of a model
+the step kernel runs, on the CPU, with rows of more than PANEL_FROM bytes; an embedding (and a tied output)
+stays in rows, since a token's lookup reads one. A panelled weight has one dimension more than its plain one:
+`linear` (matmul.py) gives it to the native gemv as it is, and a matmul of 8 rows or more a plain copy made for
+the call (`plain`), so prefill sums stay torch's or the gemm's own. That copy costs prefill time, so weights
+go into panels when a model first decodes (generate.py), not at load: scoring and routing, all prefill, keep
+them in rows. `MERGER_PANELS=0` keeps every weight in rows.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from merger.engine import step, weights
+
+PANEL_BYTES = 4096  # a panel row's bytes at most: x's slice and a row of it then fit L1 together
+PANEL_FROM = 8192  # rows of more bytes get panels; float32 rows of 8 KB ran as fast whole as in panels
+
+
+def width(k: int, itemsize: int) -> int:
+    """The panel width for rows of k elements: the largest divisor of k, a multiple of 8, whose row fits
+    PANEL_BYTES; k itself (plain rows) for rows of PANEL_FROM bytes or less, or when no such divisor exists."""
+    if k * itemsize <= PANEL_FROM:
+        return k
+    for p in range(PANEL_BYTES // itemsize // 8 * 8, 7, -8):
+        if k % p == 0:
+            return p
+    return k
+
+
+def panelled(w: torch.Tensor, plain_dims: int) -> bool:
+    """Whether w, whose plain form has `plain_dims` dimensions (2, or 3 for stacked experts), is in panels."""
+    return w.dim() == plain_dims + 1
+
+
+def to_panels(w: torch.Tensor) -> torch.Tensor:
+    """[..., N, K] -> [..., K / P, N, P] in a new buffer (on huge pages, as loaded weights are), or w itself
+    when its rows need no panels."""
+    n, k = w.shape[-2:]
+    p = width(k, w.element_size())
+    if p == k:
+        return w
+    view = w.unflatten(-1, (k // p, p)).transpose(-3, -2)  # [..., K / P, N, P], not yet contiguous
+    out = weights.empty(view.shape, w.dtype, w.device)
+    return out.copy_(view)
+
+
+def plain(w: torch.Tensor) -> torch.Tensor:
+    """[K / P, N, P] -> a contiguous [N, K] copy (a panelled weight for a path that reads rows)."""
+    return w.transpose(0, 1).reshape(w.shape[1], w.shape[0] * w.shape[2])
+
+
+def enabled() -> bool:
+    return os.environ.get("MERGER_PANELS", "1") != "0"
+
+
+def apply(model) -> None:
+    """Put the decode step's weights of `model` in panels, one tensor at a time (each copy replaces the plain
+    one at once, so the peak is one tensor more), if it is a model the step runs (step.unsupported) and panels
+    are on. Weights in panels already stay as they are."""
+    if not enabled() or step.unsupported(model, 1) is not None:
+        return
+    tied = model.output.data_ptr() == model.embed.data_ptr()
+    swapped = [_swap(module, name) for layer in model.layers
+               for module, names in ((layer.attn, ("wqkv", "wo")), (layer.ffn, ("w13", "w2"))) for name in names]
+    if not tied:
+        swapped.append(_swap(model, "output"))
+    if any(swapped):
+        model.cache = None  # a decode step built before points at the plain weights: it goes with the cache
+
+
+def _swap(module, name: str) -> bool:
+    old = getattr(module, name).data  # (each .data is a new tensor object: keep this one)
+    new = to_panels(old)
+    if new is old:
+        return False
+    setattr(module, name, torch.nn.Parameter(new, requires_grad=False))
+    return True
