@@ -25,7 +25,6 @@ def _native(native_on):
 @pytest.fixture
 def small_panels(monkeypatch):
     """Rows of more than 64 bytes in panels of at most 64: hidden 64 then has 2 (bf16) or 4 (float32)."""
-    monkeypatch.setattr(panels, "PANEL_FROM", 64)
     monkeypatch.setattr(panels, "PANEL_BYTES", 64)
 
 
@@ -37,7 +36,8 @@ def models(tmp_path_factory):
 
 def test_width_is_the_largest_fitting_divisor():
     assert panels.width(5632, 2) == 1408 and panels.width(14336, 2) == 2048 and panels.width(5632, 4) == 704
-    assert panels.width(4096, 2) == 4096 and panels.width(2048, 4) == 2048  # 8 KB rows stay whole
+    assert panels.width(4096, 2) == 2048 and panels.width(2048, 4) == 1024
+    assert panels.width(2048, 2) == 2048 and panels.width(576, 4) == 576  # 4 KB rows stay whole
     assert panels.width(8200, 2) == 1640 and panels.width(8209, 2) == 8209  # no divisor: rows
 
 

@@ -122,8 +122,8 @@ static inline __attribute__((always_inline)) void dots(const void *w, long ldw, 
 /* dots() for `rows` rows (any number) from row n of an [N, K] weight stored in panels of P columns (native.py's
  * panels: panel q holds columns qP..qP+P-1 of every row, [N, P] row-major, so element (n, k) sits at
  * (k / P) N P + n P + k % P; P = K is the plain layout). Each panel's `rows` rows are one contiguous run, read
- * against x's P-element slice, which stays in L1 beside them: with whole rows of K >= ~4000 (x 8-11 KB in
- * bf16) a 2-core EPYC read 0.45-0.9 of a plain read at ~55 GB/s, 4 KB panels 0.85-1.0. Runs of PANEL_ROWS rows
+ * against x's P-element slice, which stays in L1 beside them: with whole rows of 5632 bf16 (x 11 KB) a 2-core
+ * EPYC read 0.45-0.9 of a plain read at ~55 GB/s, 4 KB panels 0.85-1.0 (panels.py). Runs of PANEL_ROWS rows
  * or more keep the stream switches between panels rare (per ROWS rows they cost as much as whole rows). The
  * panels' float32 sums are added in order. */
 #define PANEL_ROWS 64

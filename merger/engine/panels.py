@@ -1,12 +1,13 @@
 """Weights stored in column panels for decode: an [N, K] matrix kept as [K / P, N, P], panel q holding columns
 qP..qP+P-1 of every row (cpu_dots.h `pdots`). A decode matvec then reads one panel's rows as one contiguous
-run against x's P-element slice, which stays in L1 beside them. With whole rows, x takes K elements: from
-K ~ 4000 in bf16 (8 KB) it no longer shares L1 with the streaming rows, and a 2-core EPYC read a 5632-wide
-bf16 matrix at 0.45-0.9 of a plain read, a 14336-wide one at 0.3-0.7, against 0.85-1.0 for 4 KB panels of the
-same bytes (a C loop over 768 MB, alternating, both of the machine's bandwidth states).
+run against x's P-element slice, which stays in L1 beside them. With whole rows, x takes K elements, and from
+8 KB of x on it no longer shares L1 with the streaming rows well: a 2-core EPYC read a 5632-wide bf16 matrix
+at 0.45-0.9 of a plain read, a 14336-wide one at 0.3-0.7, against 0.85-1.0 for 4 KB panels of the same bytes
+(a C loop over 768 MB, alternating, both of the machine's bandwidth states); decode of two hidden-4096 layers
+(Llama 3 8B's widths) in bf16 went from 30.3 to 37.8 tok/s, of the hidden-2048 MoE in float32 from 17.5 to 20.6.
 
 Which weights: those the decode step reads (attention, MLP or experts, and an untied output layer) of a model
-the step kernel runs, on the CPU, with rows of more than PANEL_FROM bytes; an embedding (and a tied output)
+the step kernel runs, on the CPU, with rows of more than PANEL_BYTES; an embedding (and a tied output)
 stays in rows, since a token's lookup reads one. A panelled weight has one dimension more than its plain one:
 `linear` (matmul.py) gives it to the native gemv as it is, and a matmul of 8 rows or more a plain copy made for
 the call (`plain`), so prefill sums stay torch's or the gemm's own. That copy costs prefill time, so weights
@@ -21,14 +22,13 @@ import torch
 
 from merger.engine import step, weights
 
-PANEL_BYTES = 4096  # a panel row's bytes at most: x's slice and a row of it then fit L1 together
-PANEL_FROM = 8192  # rows of more bytes get panels; float32 rows of 8 KB ran as fast whole as in panels
+PANEL_BYTES = 4096  # rows of more bytes go into panels of at most this: x's slice and a panel row fit L1
 
 
 def width(k: int, itemsize: int) -> int:
     """The panel width for rows of k elements: the largest divisor of k, a multiple of 8, whose row fits
-    PANEL_BYTES; k itself (plain rows) for rows of PANEL_FROM bytes or less, or when no such divisor exists."""
-    if k * itemsize <= PANEL_FROM:
+    PANEL_BYTES; k itself (plain rows) when rows fit already or no such divisor exists."""
+    if k * itemsize <= PANEL_BYTES:
         return k
     for p in range(PANEL_BYTES // itemsize // 8 * 8, 7, -8):
         if k % p == 0:
