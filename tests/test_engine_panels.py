@@ -67,6 +67,23 @@ def test_gemv_on_panels_equals_float64_math(dtype, rows, n, k, p):
         native.gemv(x[:, :-8], wp, kernel)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [8, 37])
+@pytest.mark.parametrize("n,k,p", [(37, 96, 32), (13, 1000, 200), (7, 2056, 8)])
+def test_gemm_on_panels_equals_float64_math_and_its_sums_in_rows(dtype, rows, n, k, p):
+    """Prefill's gemm packs its 256-wide slices from the panels (slices crossing a panel edge included)."""
+    g = torch.Generator().manual_seed(n * k)
+    x = torch.randn(rows, k, generator=g)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g)
+    wp = w.unflatten(-1, (k // p, p)).transpose(0, 1).contiguous()
+    kernel = native.gemm_kernel(dtype)
+    out = native.gemm(x, wp, kernel, b, torch.float32)
+    ref = x.double() @ w.double().t() + b.double()
+    assert_close(out.double(), ref, atol=1e-4 * (1 + ref.abs().max().item()), rtol=1e-5)
+    assert torch.equal(out, native.gemm(x, w, kernel, b, torch.float32))  # the same packed values, same sums
+
+
 @pytest.mark.parametrize("name", ["mixtral", "llama_biases", "qwen3_moe"])
 def test_a_model_in_panels_decodes_as_transformers_in_float64(models, name, small_panels):
     model = load_model(models[name])

@@ -108,9 +108,15 @@ int merger_gemv_fp32(const float *W, long N, long K, long ldw, long P, const voi
 #define MB 8       /* strips per block: Wp and Cs are 48 KiB each */
 #define CHUNK 256  /* tokens per chunk: Xp is at most 1 KiB x K */
 
-/* Wp[i][k] = W[n0 + i][p + k] as float32, zero rows from `rows` on */
-static inline __attribute__((always_inline)) void pack_w(const void *W, long ldw, long n0, long rows, long p,
-                                                         long kc, float *Wp, const int kind) {
+/* the element index of W[n][k]: row stride ldw, or in panels of P < K columns ([K / P][N][P], pdots) */
+static inline long w_index(long n, long k, long N, long K, long ldw, long P) {
+    return P < K ? (k / P) * N * P + n * P + k % P : n * ldw + k;
+}
+
+/* Wp[i][k] = W[n0 + i][p + k] as float32, zero rows from `rows` on (panels: P a multiple of 8, p of KC, so
+ * no 8 elements straddle two panels) */
+static inline __attribute__((always_inline)) void pack_w(const void *W, long N, long K, long ldw, long P, long n0,
+                                                         long rows, long p, long kc, float *Wp, const int kind) {
     for (long i = 0; i < NR; i++) {
         float *dst = Wp + i * KC;
         if (i >= rows) {
@@ -118,6 +124,13 @@ static inline __attribute__((always_inline)) void pack_w(const void *W, long ldw
             continue;
         }
         long base = (n0 + i) * ldw + p, k = 0;
+        if (P < K) {
+            for (; k + 8 <= kc; k += 8)
+                _mm256_storeu_ps(dst + k, load8(W, w_index(n0 + i, p + k, N, K, ldw, P), kind));
+            for (; k < kc; k++)
+                dst[k] = load1(W, w_index(n0 + i, p + k, N, K, ldw, P), kind);
+            continue;
+        }
         for (; k + 8 <= kc; k += 8)
             _mm256_storeu_ps(dst + k, load8(W, base + k, kind));
         for (; k < kc; k++)
@@ -201,10 +214,11 @@ static inline __attribute__((always_inline)) void micro(const float *Wp, const f
     }
 }
 
-/* Y[m][n] = sum_k X[m][k] * W[n][k] (+ bias[n]) in Y's type `out`. 0, or 1 if out of memory. */
-static inline __attribute__((always_inline)) int gemm(const void *W, long N, long K, long ldw, const float *X,
-                                                      long M, long ldx, void *Y, long ldy, const float *bias,
-                                                      int out, int nthreads, const int kind) {
+/* Y[m][n] = sum_k X[m][k] * W[n][k] (+ bias[n]) in Y's type `out`; W with row stride ldw, or in panels of
+ * P < K columns. 0, or 1 if out of memory. */
+static inline __attribute__((always_inline)) int gemm(const void *W, long N, long K, long ldw, long P,
+                                                      const float *X, long M, long ldx, void *Y, long ldy,
+                                                      const float *bias, int out, int nthreads, const int kind) {
     long strips = (N + NR - 1) / NR, slices = (K + KC - 1) / KC;
     if (K == 0) {
         float t[NR][MR] = {{0}};
@@ -241,7 +255,7 @@ static inline __attribute__((always_inline)) int gemm(const void *W, long N, lon
                     long p = q * KC, kc = K - p < KC ? K - p : KC;
                     for (long s = 0; s < nb; s++) {
                         long n0 = (b + s) * NR, rows = N - n0 < NR ? N - n0 : NR;
-                        pack_w(W, ldw, n0, rows, p, kc, Wp + s * NR * KC, kind);
+                        pack_w(W, N, K, ldw, P, n0, rows, p, kc, Wp + s * NR * KC, kind);
                         /* what this strip packs next (its next slice, or the next block's first) is pulled
                          * toward L2 now: 6 short rows per strip defeat the hardware prefetcher */
                         long pn = p + KC, nn = n0;
@@ -251,7 +265,7 @@ static inline __attribute__((always_inline)) int gemm(const void *W, long N, lon
                         }
                         for (long i = 0; i < NR && nn + i < N; i++)
                             for (long k = 0; k < KC && pn + k < K; k += (kind == FP32 ? 16 : 32))
-                                _mm_prefetch(at(W, (nn + i) * ldw + pn + k, kind), _MM_HINT_T1);
+                                _mm_prefetch(at(W, w_index(nn + i, pn + k, N, K, ldw, P), kind), _MM_HINT_T1);
                     }
                     for (long g = 0; g < groups; g++) {
                         long valid = tokens - g * MR < MR ? tokens - g * MR : MR;
@@ -275,17 +289,17 @@ static inline __attribute__((always_inline)) int gemm(const void *W, long N, lon
     return 0;
 }
 
-int merger_gemm_bf16(const uint16_t *W, long N, long K, long ldw, const float *X, long M, long ldx, void *Y,
-                     long ldy, const float *bias, int out, int nthreads) {
-    return gemm(W, N, K, ldw, X, M, ldx, Y, ldy, bias, out, nthreads, BF16);
+int merger_gemm_bf16(const uint16_t *W, long N, long K, long ldw, long P, const float *X, long M, long ldx,
+                     void *Y, long ldy, const float *bias, int out, int nthreads) {
+    return gemm(W, N, K, ldw, P, X, M, ldx, Y, ldy, bias, out, nthreads, BF16);
 }
 
-int merger_gemm_fp16(const uint16_t *W, long N, long K, long ldw, const float *X, long M, long ldx, void *Y,
-                     long ldy, const float *bias, int out, int nthreads) {
-    return gemm(W, N, K, ldw, X, M, ldx, Y, ldy, bias, out, nthreads, FP16);
+int merger_gemm_fp16(const uint16_t *W, long N, long K, long ldw, long P, const float *X, long M, long ldx,
+                     void *Y, long ldy, const float *bias, int out, int nthreads) {
+    return gemm(W, N, K, ldw, P, X, M, ldx, Y, ldy, bias, out, nthreads, FP16);
 }
 
-int merger_gemm_fp32(const float *W, long N, long K, long ldw, const float *X, long M, long ldx, void *Y,
-                     long ldy, const float *bias, int out, int nthreads) {
-    return gemm(W, N, K, ldw, X, M, ldx, Y, ldy, bias, out, nthreads, FP32);
+int merger_gemm_fp32(const float *W, long N, long K, long ldw, long P, const float *X, long M, long ldx,
+                     void *Y, long ldy, const float *bias, int out, int nthreads) {
+    return gemm(W, N, K, ldw, P, X, M, ldx, Y, ldy, bias, out, nthreads, FP32);
 }

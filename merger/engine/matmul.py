@@ -35,14 +35,14 @@ def use_blocked(x: torch.Tensor) -> bool:
 
 def _native_kernel(x: torch.Tensor, w: torch.Tensor, rows: int):
     """The native kernel for this call (gemv below BLOCKED_MIN_ROWS rows, else gemm), or None: CPU only, and
-    only where calibrate.py measured it the fastest for this dtype and phase. Weights in panels: the gemv only."""
+    only where calibrate.py measured it the fastest for this dtype and phase (weights in panels included)."""
     if x.dtype != w.dtype or w.dim() not in (2, 3) or w.stride(-1) != 1 or x.device.type != "cpu":
         return None
     k = w.shape[0] * w.shape[2] if w.dim() == 3 else w.shape[1]
     if x.shape[-1] != k or x.dtype not in native.TYPE_NAMES:
         return None  # F.linear raises torch's usual shape error
     decode = rows < BLOCKED_MIN_ROWS
-    if calibrate.choice(x.dtype, "decode" if decode else "prefill") != "native" or (w.dim() == 3 and not decode):
+    if calibrate.choice(x.dtype, "decode" if decode else "prefill") != "native":
         return None
     return native.gemv_kernel(x.dtype) if decode else native.gemm_kernel(x.dtype)
 
@@ -50,7 +50,7 @@ def _native_kernel(x: torch.Tensor, w: torch.Tensor, rows: int):
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [..., K] @ w[N, K].T (+ b): the result is in `out_dtype` (default x.dtype). w may be in panels
-    ([K / P, N, P], panels.py): the native gemv reads them as they are, any other path a plain copy."""
+    ([K / P, N, P], panels.py): the native kernels read them as they are, torch's paths a plain copy."""
     out_dtype = out_dtype or x.dtype
     rows = math.prod(x.shape[:-1])
     kernel = _native_kernel(x, w, rows)

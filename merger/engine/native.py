@@ -32,14 +32,15 @@ LIBS = ["-lm"]
 TYPE_NAMES = native_build.TYPE_NAMES
 SIDE_FROM = 4096  # gemv: from this K on, weight rows are read side by side unless calibration chose otherwise
 _OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # the C enum { BF16, FP16, FP32 }
-# W, N, K, ldw, X, M, ldx, Y, ldy, then bias, (gemv: X type,) Y type, (gemv: side_from,) threads
+# W, N, K, ldw, X, M, ldx, Y, ldy (gemv and gemm: the panel width P after ldw), then bias, (gemv: X type,)
+# Y type, (gemv: side_from,) threads
 _ARGS = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
          ctypes.c_long, ctypes.c_void_p, ctypes.c_long]
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 # op -> (argument types, result type, weight types it exists for)
 _SIGNATURES = {
-    "gemv": (_ARGS[:4] + [_L] + _ARGS[4:] + [_P, _I, _I, _L, _I], _I, tuple(TYPE_NAMES)),  # + P after ldw
-    "gemm": (_ARGS + [_P, _I, _I], _I, tuple(TYPE_NAMES)),
+    "gemv": (_ARGS[:4] + [_L] + _ARGS[4:] + [_P, _I, _I, _L, _I], _I, tuple(TYPE_NAMES)),
+    "gemm": (_ARGS[:4] + [_L] + _ARGS[4:] + [_P, _I, _I], _I, tuple(TYPE_NAMES)),
     # X, rows, dim, ldx, w, eps, Y, ldy, threads
     "rmsnorm": ([_P, _L, _L, _L, _P, _F, _P, _L, _I], None, tuple(TYPE_NAMES)),
     # Q, B, H, D, K, V, KV, S, batch / head / position strides of K and V, scale, O, threads
@@ -134,22 +135,28 @@ def _check(op: str, kernel, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor
     return bias.float().contiguous()
 
 
+def _layout(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(what _check sees of w, its row stride, its panel width): w is [N, K], or in panels [K / P, N, P]
+    contiguous (merger.engine.panels), which the kernels read as they are; P = K for rows."""
+    if w.dim() != 3:
+        return w, w.stride(0) if w.dim() == 2 else 0, x.shape[-1]
+    if not (w.is_contiguous() and x.dim() == 2 and w.shape[0] * w.shape[2] == x.shape[1] and w.shape[2] % 8 == 0):
+        raise ValueError(f"native kernel: x {tuple(x.shape)} does not fit panels {tuple(w.shape)}")
+    return w[0], x.shape[1], w.shape[2]
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, kernel, bias: torch.Tensor | None = None,
          out_dtype: torch.dtype = torch.float32, side_from: int = SIDE_FROM) -> torch.Tensor:
     """x [M, K] (bf16, fp16 or float32) @ w[N, K].T (+ bias) -> [M, N] in out_dtype (float32, bf16 or fp16),
     summed in float32 and rounded once: the decode path, conversions included, in one call. Weight rows are
     read one after another below K = side_from, side by side from there (calibrate.py measures where that pays).
-    w may be in panels, [K / P, N, P] contiguous (merger.engine.panels): the panels' sums are added in order."""
-    panels = w.dim() == 3
-    if panels and not (w.is_contiguous() and x.dim() == 2 and w.shape[0] * w.shape[2] == x.shape[1]):
-        raise ValueError(f"native kernel: x {tuple(x.shape)} does not fit panels {tuple(w.shape)}")
-    plain = w[0] if panels else w  # [N, P]: what _check can see of a panelled weight
-    bias = _check("gemv", kernel, x[:, :plain.shape[1]], plain, bias, out_dtype, tuple(_OUT))
+    w may be in panels (_layout): the panels' sums are added in order."""
+    plain, ldw, p = _layout(x, w)
+    bias = _check("gemv", kernel, x[:, :p] if x.dim() == 2 else x, plain, bias, out_dtype, tuple(_OUT))
     m, k = x.shape
     n = plain.shape[0]
     y = torch.empty(m, n, dtype=out_dtype)
-    if kernel(w.data_ptr(), n, k, k if panels else w.stride(0), plain.shape[1] if panels else k,
-              x.data_ptr(), m, x.stride(0), y.data_ptr(), n,
+    if kernel(w.data_ptr(), n, k, ldw, p, x.data_ptr(), m, x.stride(0), y.data_ptr(), n,
               None if bias is None else bias.data_ptr(), _OUT[x.dtype], _OUT[out_dtype], side_from,
               torch.get_num_threads()):
         raise MemoryError(f"native gemv: no memory for {m} x {k} inputs")
@@ -159,12 +166,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor, kernel, bias: torch.Tensor | None = N
 def gemm(x: torch.Tensor, w: torch.Tensor, kernel, bias: torch.Tensor | None = None,
          out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x [M, K] float32 @ w[N, K].T (+ bias) for many rows: [M, N] in out_dtype (float32, bf16 or fp16),
-    summed in float32 and rounded once, as torch rounds."""
-    bias = _check("gemm", kernel, x, w, bias, out_dtype, (torch.float32,))
+    summed in float32 and rounded once, as torch rounds. w may be in panels (_layout): the same sums."""
+    plain, ldw, p = _layout(x, w)
+    bias = _check("gemm", kernel, x[:, :p] if x.dim() == 2 else x, plain, bias, out_dtype, (torch.float32,))
     m, k = x.shape
-    n = w.shape[0]
+    n = plain.shape[0]
     y = torch.empty(m, n, dtype=out_dtype)
-    if kernel(w.data_ptr(), n, k, w.stride(0), x.data_ptr(), m, x.stride(0), y.data_ptr(), n,
+    if kernel(w.data_ptr(), n, k, ldw, p, x.data_ptr(), m, x.stride(0), y.data_ptr(), n,
               None if bias is None else bias.data_ptr(), _OUT[out_dtype], torch.get_num_threads()):
         raise MemoryError(f"native gemm: no memory for a {m}-token packing buffer")
     return y

@@ -9,9 +9,10 @@ at 0.45-0.9 of a plain read, a 14336-wide one at 0.3-0.7, against 0.85-1.0 for 4
 Which weights: those the decode step reads (attention, MLP or experts, and an untied output layer) of a model
 the step kernel runs, on the CPU, with rows of more than PANEL_BYTES; an embedding (and a tied output)
 stays in rows, since a token's lookup reads one. A panelled weight has one dimension more than its plain one:
-`linear` (matmul.py) gives it to the native gemv as it is, and a matmul of 8 rows or more a plain copy made for
-the call (`plain`), so prefill sums stay torch's or the gemm's own. That copy costs prefill time, so weights
-go into panels when a model first decodes (generate.py), not at load: scoring and routing, all prefill, keep
+`linear` (matmul.py) gives it to the native gemv and gemm as it is (the gemm packs its slices from the
+panels: the same sums), and torch's paths (where calibration found torch's GEMM faster, e.g. bf16 prefill with
+native bf16 in the CPU) a plain copy made for the call (`plain`). That copy costs prefill time, so weights go
+into panels when a model first decodes (generate.py), not at load: scoring and routing, all prefill, keep
 them in rows. `MERGER_PANELS=0` keeps every weight in rows.
 """
 from __future__ import annotations
