@@ -113,8 +113,7 @@ static inline long w_index(long n, long k, long N, long K, long ldw, long P) {
     return P < K ? (k / P) * N * P + n * P + k % P : n * ldw + k;
 }
 
-/* Wp[i][k] = W[n0 + i][p + k] as float32, zero rows from `rows` on (panels: P a multiple of 8, p of KC, so
- * no 8 elements straddle two panels) */
+/* Wp[i][k] = W[n0 + i][p + k] as float32, zero rows from `rows` on */
 static inline __attribute__((always_inline)) void pack_w(const void *W, long N, long K, long ldw, long P, long n0,
                                                          long rows, long p, long kc, float *Wp, const int kind) {
     for (long i = 0; i < NR; i++) {
@@ -123,18 +122,15 @@ static inline __attribute__((always_inline)) void pack_w(const void *W, long N, 
             memset(dst, 0, kc * sizeof(float));
             continue;
         }
-        long base = (n0 + i) * ldw + p, k = 0;
-        if (P < K) {
-            for (; k + 8 <= kc; k += 8)
-                _mm256_storeu_ps(dst + k, load8(W, w_index(n0 + i, p + k, N, K, ldw, P), kind));
-            for (; k < kc; k++)
-                dst[k] = load1(W, w_index(n0 + i, p + k, N, K, ldw, P), kind);
-            continue;
+        for (long k = 0; k < kc;) {  /* one run per panel the slice touches (rows: one run) */
+            long run = P < K ? P - (p + k) % P : kc, base = w_index(n0 + i, p + k, N, K, ldw, P), j = 0;
+            run = run < kc - k ? run : kc - k;
+            for (; j + 8 <= run; j += 8)
+                _mm256_storeu_ps(dst + k + j, load8(W, base + j, kind));
+            for (; j < run; j++)
+                dst[k + j] = load1(W, base + j, kind);
+            k += run;
         }
-        for (; k + 8 <= kc; k += 8)
-            _mm256_storeu_ps(dst + k, load8(W, base + k, kind));
-        for (; k < kc; k++)
-            dst[k] = load1(W, base + k, kind);
     }
 }
 
