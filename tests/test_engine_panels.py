@@ -48,20 +48,28 @@ def test_panels_hold_the_columns_in_order():
     assert torch.equal(panels.plain(p[1]), w[1])
 
 
+def _case(dtype, rows, n, k, p, x_dtype=None):
+    """x [rows, k], w [n, k] in dtype, a float32 bias, w in panels of p, and the float64 reference."""
+    g = torch.Generator().manual_seed(n * k + rows)
+    x = torch.randn(rows, k, generator=g).to(x_dtype or dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g)
+    return x, w, b, w.unflatten(-1, (k // p, p)).transpose(0, 1).contiguous(), x.double() @ w.double().t() + b.double()
+
+
+def _float32_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert_close(out.double(), ref, atol=1e-4 * (1 + ref.abs().max().item()), rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("n,k,p", [(37, 96, 32), (130, 1000, 200), (70, 2056, 8)])
 def test_gemv_on_panels_equals_float64_math(dtype, rows, n, k, p):
     """n around the kernel's 64-row panel runs and its 4-row steps; panels of 8 up to 200 columns."""
-    g = torch.Generator().manual_seed(n + k)
-    x = torch.randn(rows, k, generator=g).to(dtype)
-    w = torch.randn(n, k, generator=g).to(dtype)
-    b = torch.randn(n, generator=g)
-    wp = w.unflatten(-1, (k // p, p)).transpose(0, 1).contiguous()
+    x, w, b, wp, ref = _case(dtype, rows, n, k, p)
     kernel = native.gemv_kernel(dtype)
     out = native.gemv(x, wp, kernel, b, torch.float32)
-    ref = x.double() @ w.double().t() + b.double()
-    assert_close(out.double(), ref, atol=1e-4 * (1 + ref.abs().max().item()), rtol=1e-5)
+    _float32_close(out, ref)
     assert_close(native.gemv(x, wp, kernel, b, dtype), out.to(dtype), atol=0, rtol=0)  # one rounding
     with pytest.raises(ValueError, match="does not fit panels"):
         native.gemv(x[:, :-8], wp, kernel)
@@ -72,15 +80,10 @@ def test_gemv_on_panels_equals_float64_math(dtype, rows, n, k, p):
 @pytest.mark.parametrize("n,k,p", [(37, 96, 32), (13, 1000, 200), (7, 2056, 8)])
 def test_gemm_on_panels_equals_float64_math_and_its_sums_in_rows(dtype, rows, n, k, p):
     """Prefill's gemm packs its 256-wide slices from the panels (slices crossing a panel edge included)."""
-    g = torch.Generator().manual_seed(n * k)
-    x = torch.randn(rows, k, generator=g)
-    w = torch.randn(n, k, generator=g).to(dtype)
-    b = torch.randn(n, generator=g)
-    wp = w.unflatten(-1, (k // p, p)).transpose(0, 1).contiguous()
+    x, w, b, wp, ref = _case(dtype, rows, n, k, p, torch.float32)
     kernel = native.gemm_kernel(dtype)
     out = native.gemm(x, wp, kernel, b, torch.float32)
-    ref = x.double() @ w.double().t() + b.double()
-    assert_close(out.double(), ref, atol=1e-4 * (1 + ref.abs().max().item()), rtol=1e-5)
+    _float32_close(out, ref)
     assert torch.equal(out, native.gemm(x, w, kernel, b, torch.float32))  # the same packed values, same sums
 
 
