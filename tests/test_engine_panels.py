@@ -9,7 +9,7 @@ import torch
 from test_engine_step import BUILDERS, PREFILL, SEQ, _decode
 from torch.testing import assert_close
 
-from merger.engine import native, panels, step
+from merger.engine import calibrate, native, panels, step
 from merger.engine.generate import generate_ids
 from merger.engine.model import load_model
 
@@ -24,8 +24,11 @@ def _native(native_on):
 
 @pytest.fixture
 def small_panels(monkeypatch):
-    """Rows of more than 64 bytes in panels of at most 64: hidden 64 then has 2 (bf16) or 4 (float32)."""
+    """Rows of more than 64 bytes in panels of at most 64: hidden 64 then has 2 (bf16) or 4 (float32); the
+    native kernels chosen for decode and prefill whatever calibration measured here (panels need the gemm)."""
     monkeypatch.setattr(panels, "PANEL_BYTES", 64)
+    forced = {k: {**c, "decode": "native", "prefill": "native"} for k, c in calibrate.choices().items()}
+    monkeypatch.setattr(calibrate, "choices", lambda: forced)
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +125,16 @@ def test_models_the_step_does_not_run_stay_in_rows(models, small_panels):
     model = load_model(models["gemma2"])
     panels.apply(model)
     assert model.layers[0].ffn.w2.dim() == 2 and model.layers[0].attn.wqkv.dim() == 2
+
+
+@pytest.mark.parametrize("prefill", ["torch", "blocked"])
+def test_weights_stay_in_rows_where_prefill_is_not_the_native_gemm(models, small_panels, monkeypatch, prefill):
+    """torch's GEMM would read a plain copy made per call, which halved prefill: no panels then."""
+    forced = {k: {**c, "prefill": prefill} for k, c in calibrate.choices().items()}
+    monkeypatch.setattr(calibrate, "choices", lambda: forced)
+    model = load_model(models["mixtral"])
+    panels.apply(model)
+    assert model.layers[0].attn.wqkv.dim() == 2 and model.layers[0].ffn.w13.dim() == 3
 
 
 def test_weights_go_into_panels_when_a_model_first_decodes(models, small_panels, monkeypatch):

@@ -10,10 +10,11 @@ Which weights: those the decode step reads (attention, MLP or experts, and an un
 the step kernel runs, on the CPU, with rows of more than PANEL_BYTES; an embedding (and a tied output)
 stays in rows, since a token's lookup reads one. A panelled weight has one dimension more than its plain one:
 `linear` (matmul.py) gives it to the native gemv and gemm as it is (the gemm packs its slices from the
-panels: the same sums), and torch's paths (where calibration found torch's GEMM faster, e.g. bf16 prefill with
-native bf16 in the CPU) a plain copy made for the call (`plain`). That copy costs prefill time, so weights go
-into panels when a model first decodes (generate.py), not at load: scoring and routing, all prefill, keep
-them in rows. `MERGER_PANELS=0` keeps every weight in rows.
+panels: the same sums). So weights go into panels only where calibration chose the native gemm for prefill:
+where torch's GEMM won (bf16 on a CPU with native bf16, as here), a plain copy per prefill matmul halved
+prefill (two hidden-4096 bf16 layers, 128 tokens: 412 -> 192 tok/s), and the weights stay in rows; `plain`
+remains the fallback of any other path. They move when a model first decodes (generate.py), not at load, so
+scoring and routing (prefill only) never pay the move. `MERGER_PANELS=0` keeps every weight in rows.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import os
 
 import torch
 
-from merger.engine import step, weights
+from merger.engine import calibrate, step, weights
 
 PANEL_BYTES = 4096  # rows of more bytes go into panels of at most this: x's slice and a panel row fit L1
 
@@ -55,7 +56,7 @@ def to_panels(w: torch.Tensor) -> torch.Tensor:
 
 
 def plain(w: torch.Tensor) -> torch.Tensor:
-    """[K / P, N, P] -> a contiguous [N, K] copy (a panelled weight for a path that reads rows)."""
+    """[K / P, N, P] -> a contiguous [N, K] copy, for a path that reads rows (not taken after apply)."""
     return w.transpose(0, 1).reshape(w.shape[1], w.shape[0] * w.shape[2])
 
 
@@ -65,9 +66,10 @@ def enabled() -> bool:
 
 def apply(model) -> None:
     """Put the decode step's weights of `model` in panels, one tensor at a time (each copy replaces the plain
-    one at once, so the peak is one tensor more), if it is a model the step runs (step.unsupported) and panels
-    are on. Weights in panels already stay as they are."""
-    if not enabled() or step.unsupported(model, 1) is not None:
+    one at once, so the peak is one tensor more), if panels are on, the step runs the model (step.unsupported)
+    and its prefill runs on the native gemm. Weights in panels already stay as they are."""
+    if (not enabled() or step.unsupported(model, 1) is not None
+            or calibrate.choice(model.dtype, "prefill") != "native"):
         return
     tied = model.output.data_ptr() == model.embed.data_ptr()
     swapped = [_swap(module, name) for layer in model.layers
