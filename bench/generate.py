@@ -43,7 +43,7 @@ from merger.engine import calibrate, native, step, weights
 from merger.engine.generate import generate_ids
 from merger.engine.model import load_model
 from merger.io.dtypes import parse_dtype
-from merger.io.hf import write_config
+from merger.io.hf import copy_tokenizer, write_config
 from merger.io.writer import write_tensors
 
 
@@ -100,17 +100,12 @@ def make_models(root: Path, a: argparse.Namespace) -> dict[str, Path]:
     return paths
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-
-
 def write_tokenizer(path: Path, a: argparse.Namespace) -> None:
     """--tokenizer's files (a real tokenizer, which llama.cpp's converter recognises), else a synthetic one."""
     if a.tokenizer is None:
         synth.write_tokenizer(path, 512)
-        return
-    for name in TOKENIZER_FILES:
-        if (a.tokenizer / name).is_file():
-            shutil.copyfile(a.tokenizer / name, path / name)
+    else:
+        copy_tokenizer(a.tokenizer, path)
 
 
 # --family -> (transformers config class, model class, config fields beyond the shared sizes)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine_native import DTYPES, _case, _float32_close
 from test_engine_step import BUILDERS, PREFILL, SEQ, _decode
 from torch.testing import assert_close
 
@@ -14,7 +15,6 @@ from merger.engine.generate import generate_ids
 from merger.engine.model import load_model
 
 transformers = pytest.importorskip("transformers")
-DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
 @pytest.fixture(autouse=True)
@@ -44,24 +44,17 @@ def test_width_is_the_largest_fitting_divisor():
     assert panels.width(8200, 2) == 1640 and panels.width(8209, 2) == 8209  # no divisor: rows
 
 
-def test_panels_hold_the_columns_in_order():
-    w = torch.arange(3 * 5 * 2 * 4, dtype=torch.float32).view(3, 5, 8)  # stacked experts [E, N, K]
-    p = w.unflatten(-1, (2, 4)).transpose(-3, -2).contiguous()        # what to_panels makes of it
-    assert tuple(p.shape) == (3, 2, 5, 4) and torch.equal(p[1, 1, 2], w[1, 2, 4:])
+def test_panels_hold_the_columns_in_order(monkeypatch):
+    monkeypatch.setattr(panels, "PANEL_BYTES", 32)                      # float32 rows of 16: panels of 8
+    w = torch.arange(3 * 5 * 16, dtype=torch.float32).view(3, 5, 16)  # stacked experts [E, N, K]
+    p = panels.to_panels(w)
+    assert tuple(p.shape) == (3, 2, 5, 8) and torch.equal(p[1, 1, 2], w[1, 2, 8:])
     assert torch.equal(panels.plain(p[1]), w[1])
 
 
-def _case(dtype, rows, n, k, p, x_dtype=None):
-    """x [rows, k], w [n, k] in dtype, a float32 bias, w in panels of p, and the float64 reference."""
-    g = torch.Generator().manual_seed(n * k + rows)
-    x = torch.randn(rows, k, generator=g).to(x_dtype or dtype)
-    w = torch.randn(n, k, generator=g).to(dtype)
-    b = torch.randn(n, generator=g)
-    return x, w, b, w.unflatten(-1, (k // p, p)).transpose(0, 1).contiguous(), x.double() @ w.double().t() + b.double()
-
-
-def _float32_close(out: torch.Tensor, ref: torch.Tensor) -> None:
-    assert_close(out.double(), ref, atol=1e-4 * (1 + ref.abs().max().item()), rtol=1e-5)
+def _in_panels(w: torch.Tensor, p: int) -> torch.Tensor:
+    """w [n, k] as [k / p, n, p] (what panels.to_panels makes, at a width of the test's choosing)."""
+    return w.unflatten(-1, (w.shape[1] // p, p)).transpose(0, 1).contiguous()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -69,7 +62,8 @@ def _float32_close(out: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.mark.parametrize("n,k,p", [(37, 96, 32), (130, 1000, 200), (70, 2056, 8)])
 def test_gemv_on_panels_equals_float64_math(dtype, rows, n, k, p):
     """n around the kernel's 64-row panel runs and its 4-row steps; panels of 8 up to 200 columns."""
-    x, w, b, wp, ref = _case(dtype, rows, n, k, p)
+    x, w, b, ref = _case(dtype, rows, n, k)
+    wp = _in_panels(w, p)
     kernel = native.gemv_kernel(dtype)
     out = native.gemv(x, wp, kernel, b, torch.float32)
     _float32_close(out, ref)
@@ -83,7 +77,8 @@ def test_gemv_on_panels_equals_float64_math(dtype, rows, n, k, p):
 @pytest.mark.parametrize("n,k,p", [(37, 96, 32), (13, 1000, 200), (7, 2056, 8)])
 def test_gemm_on_panels_equals_float64_math_and_its_sums_in_rows(dtype, rows, n, k, p):
     """Prefill's gemm packs its 256-wide slices from the panels (slices crossing a panel edge included)."""
-    x, w, b, wp, ref = _case(dtype, rows, n, k, p, torch.float32)
+    x, w, b, ref = _case(dtype, rows, n, k)
+    x, wp = x.float(), _in_panels(w, p)
     kernel = native.gemm_kernel(dtype)
     out = native.gemm(x, wp, kernel, b, torch.float32)
     _float32_close(out, ref)
@@ -96,9 +91,10 @@ def test_a_model_in_panels_decodes_as_transformers_in_float64(models, name, smal
     panels.apply(model)
     ffn, attn = model.layers[0].ffn, model.layers[0].attn
     plain_dims = 3 if hasattr(ffn, "router") else 2
-    assert panels.panelled(attn.wqkv, 2) and panels.panelled(attn.wo, 2) and panels.panelled(ffn.w13, plain_dims)
+    # a weight in panels has one dimension more than in rows
+    assert attn.wqkv.dim() == 3 and attn.wo.dim() == 3 and ffn.w13.dim() == plain_dims + 1
     # an MLP width of 140 or 262 has no divisor that is a multiple of 8: those rows stay whole; 48 gets panels
-    assert panels.panelled(ffn.w2, plain_dims) == (name == "qwen3_moe")
+    assert (ffn.w2.dim() == plain_dims + 1) == (name == "qwen3_moe")
     tied = model.output.data_ptr() == model.embed.data_ptr()
     assert model.output.dim() == (2 if tied else 3) and model.embed.dim() == 2
     got = _decode(model)

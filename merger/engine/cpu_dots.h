@@ -127,6 +127,11 @@ static inline __attribute__((always_inline)) void dots(const void *w, long ldw, 
  * or more keep the stream switches between panels rare (per ROWS rows they cost as much as whole rows). The
  * panels' float32 sums are added in order. */
 #define PANEL_ROWS 64
+
+/* rows per work item of a matvec over a weight with panel width P: ROWS for rows, PANEL_ROWS for panels */
+static inline long item_rows(long K, long P) {
+    return P < K ? PANEL_ROWS : ROWS;
+}
 static inline __attribute__((always_inline)) void pdots(const void *w, long N, long n, long P, long rows,
                                                         const void *x, long K, float *s, long side_from,
                                                         const int kind, const int xk) {

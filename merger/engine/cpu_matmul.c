@@ -58,7 +58,7 @@ static inline __attribute__((always_inline)) int gemv(const void *W, long N, lon
         ldx = K;
     }
     gemv_out o = { Y, ldy, bias, out };
-    long R = P < K ? PANEL_ROWS : ROWS, blocks = (N + R - 1) / R;
+    long R = item_rows(K, P), blocks = (N + R - 1) / R;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long i = 0; i < blocks; i++) {
         long n = i * R, rows = N - n < R ? N - n : R;

@@ -91,6 +91,12 @@ static inline long chunk_blocks(long K, const int kind) {  /* in ROWS-row blocks
     return c > 0 ? c : 1;
 }
 
+/* the guided schedule's smallest share of a matvec's items (item_rows): chunk_blocks for rows, one item of
+ * PANEL_ROWS panel rows (already 256 KB or more) for panels */
+static inline long chunk_items(long K, long P, const int kind) {
+    return item_rows(K, P) == ROWS ? chunk_blocks(K, kind) : 1;
+}
+
 /* the matvec operand of x [n] for weights of `kind` (dots' XK): x itself, or its bf16 copy in xb (exact: x
  * holds values the per-op path holds in bf16) */
 static inline __attribute__((always_inline)) const void *operand(const float *x, long n, uint16_t *xb,
@@ -105,18 +111,12 @@ static inline __attribute__((always_inline)) const void *operand(const float *x,
     return xb;
 }
 
-/* a matvec's item: ROWS rows of a plain weight (shared out down to chunk_blocks of them), PANEL_ROWS of one
- * in panels (pdots) */
-static inline long item_rows(long K, long P) {
-    return P < K ? PANEL_ROWS : ROWS;
-}
-
 /* out[n] = rnd(W[n] . x + bias[n]) for n < N (W [N, K] contiguous or in panels of P, x an operand()); shared
  * work, ends at a barrier */
 static inline __attribute__((always_inline)) void step_matvec(const void *W, long N, long K, long P,
                                                               const void *x, const float *bias, float *out,
                                                               int round, long side_from, const int kind) {
-    long R = item_rows(K, P), blocks = (N + R - 1) / R, chunk = R == ROWS ? chunk_blocks(K, kind) : 1;
+    long R = item_rows(K, P), blocks = (N + R - 1) / R, chunk = chunk_items(K, P, kind);
 #pragma omp for schedule(guided, chunk)
     for (long i = 0; i < blocks; i++) {
         long n = i * R, rows = N - n < R ? N - n : R;
@@ -177,7 +177,7 @@ static inline __attribute__((always_inline)) void step_down(const void *const *W
                                                             long P, const void *p, const float *wt,
                                                             const float *b2, float *a, float *ex, long side_from,
                                                             const int kind) {
-    long R = item_rows(F, P), blocks = (D + R - 1) / R, chunk = R == ROWS ? chunk_blocks(F, kind) : 1;
+    long R = item_rows(F, P), blocks = (D + R - 1) / R, chunk = chunk_items(F, P, kind);
 #pragma omp for schedule(guided, chunk)
     for (long it = 0; it < n_w * blocks; it++) {
         long j = it / blocks, n = (it % blocks) * R, rows = D - n < R ? D - n : R;

@@ -135,14 +135,18 @@ def _check(op: str, kernel, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor
     return bias.float().contiguous()
 
 
-def _layout(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """(what _check sees of w, its row stride, its panel width): w is [N, K], or in panels [K / P, N, P]
-    contiguous (merger.engine.panels), which the kernels read as they are; P = K for rows."""
-    if w.dim() != 3:
-        return w, w.stride(0) if w.dim() == 2 else 0, x.shape[-1]
-    if not (w.is_contiguous() and x.dim() == 2 and w.shape[0] * w.shape[2] == x.shape[1] and w.shape[2] % 8 == 0):
-        raise ValueError(f"native kernel: x {tuple(x.shape)} does not fit panels {tuple(w.shape)}")
-    return w[0], x.shape[1], w.shape[2]
+def _matmul_args(op: str, kernel, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                 out_dtype: torch.dtype, x_dtypes: tuple[torch.dtype, ...]) -> tuple[torch.Tensor | None, int, int, int]:
+    """_check for a gemv or gemm, w [N, K] or in panels [K / P, N, P] contiguous (merger.engine.panels), which
+    the kernels read as they are: (the float32 bias, N, w's row stride, P; P = K for rows)."""
+    if w.dim() == 3:
+        if not (w.is_contiguous() and x.dim() == 2 and w.shape[0] * w.shape[2] == x.shape[1]
+                and w.shape[2] % 8 == 0):
+            raise ValueError(f"native kernel: x {tuple(x.shape)} does not fit panels {tuple(w.shape)}")
+        return _check(op, kernel, x[:, :w.shape[2]], w[0], bias, out_dtype, x_dtypes), w.shape[1], x.shape[1], \
+            w.shape[2]
+    bias = _check(op, kernel, x, w, bias, out_dtype, x_dtypes)
+    return bias, w.shape[0], w.stride(0), w.shape[1]
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, kernel, bias: torch.Tensor | None = None,
@@ -150,11 +154,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, kernel, bias: torch.Tensor | None = N
     """x [M, K] (bf16, fp16 or float32) @ w[N, K].T (+ bias) -> [M, N] in out_dtype (float32, bf16 or fp16),
     summed in float32 and rounded once: the decode path, conversions included, in one call. Weight rows are
     read one after another below K = side_from, side by side from there (calibrate.py measures where that pays).
-    w may be in panels (_layout): the panels' sums are added in order."""
-    plain, ldw, p = _layout(x, w)
-    bias = _check("gemv", kernel, x[:, :p] if x.dim() == 2 else x, plain, bias, out_dtype, tuple(_OUT))
+    w may be in panels (_matmul_args): the panels' sums are added in order."""
+    bias, n, ldw, p = _matmul_args("gemv", kernel, x, w, bias, out_dtype, tuple(_OUT))
     m, k = x.shape
-    n = plain.shape[0]
     y = torch.empty(m, n, dtype=out_dtype)
     if kernel(w.data_ptr(), n, k, ldw, p, x.data_ptr(), m, x.stride(0), y.data_ptr(), n,
               None if bias is None else bias.data_ptr(), _OUT[x.dtype], _OUT[out_dtype], side_from,
@@ -166,11 +168,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, kernel, bias: torch.Tensor | None = N
 def gemm(x: torch.Tensor, w: torch.Tensor, kernel, bias: torch.Tensor | None = None,
          out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x [M, K] float32 @ w[N, K].T (+ bias) for many rows: [M, N] in out_dtype (float32, bf16 or fp16),
-    summed in float32 and rounded once, as torch rounds. w may be in panels (_layout): the same sums."""
-    plain, ldw, p = _layout(x, w)
-    bias = _check("gemm", kernel, x[:, :p] if x.dim() == 2 else x, plain, bias, out_dtype, (torch.float32,))
+    summed in float32 and rounded once, as torch rounds. w may be in panels (_matmul_args): the same sums."""
+    bias, n, ldw, p = _matmul_args("gemm", kernel, x, w, bias, out_dtype, (torch.float32,))
     m, k = x.shape
-    n = plain.shape[0]
     y = torch.empty(m, n, dtype=out_dtype)
     if kernel(w.data_ptr(), n, k, ldw, p, x.data_ptr(), m, x.stride(0), y.data_ptr(), n,
               None if bias is None else bias.data_ptr(), _OUT[out_dtype], torch.get_num_threads()):

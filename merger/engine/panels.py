@@ -38,11 +38,6 @@ def width(k: int, itemsize: int) -> int:
     return k
 
 
-def panelled(w: torch.Tensor, plain_dims: int) -> bool:
-    """Whether w, whose plain form has `plain_dims` dimensions (2, or 3 for stacked experts), is in panels."""
-    return w.dim() == plain_dims + 1
-
-
 def to_panels(w: torch.Tensor) -> torch.Tensor:
     """[..., N, K] -> [..., K / P, N, P] in a new buffer (on huge pages, as loaded weights are), or w itself
     when its rows need no panels."""
